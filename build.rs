@@ -1,0 +1,41 @@
+//! Compiles `proto/` with protox (pure Rust, no protoc on the machine) and
+//! generates the tonic clients/servers plus a descriptor set that
+//! normalization uses to turn any known message into canonical JSON.
+
+use std::path::{Path, PathBuf};
+
+fn protos(dir: &Path, out: &mut Vec<PathBuf>) {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .map(|e| e.expect("directory entry").path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        if path.is_dir() {
+            protos(&path, out);
+        } else if path.extension().is_some_and(|x| x == "proto") {
+            out.push(path);
+        }
+    }
+}
+
+fn main() {
+    let root = Path::new("proto");
+    let mut files = Vec::new();
+    protos(root, &mut files);
+    println!("cargo:rerun-if-changed=proto");
+
+    let fds = protox::compile(&files, [root]).unwrap_or_else(|e| panic!("proto/: {e}"));
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
+    std::fs::write(
+        out.join("descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )
+    .expect("write descriptor.bin");
+
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)
+        .expect("generate Rust from proto/");
+}

@@ -1,0 +1,126 @@
+//! `blackhole://` and `none://`: confirm everything at once and count it,
+//! so load tests measure the bridge itself and not a destination.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use url::Url;
+
+use crate::{BatchError, Envelope, OpenError, Options, Sink};
+
+/// Discards envelopes; optionally prints a rate line every `interval`.
+#[derive(Debug)]
+pub struct Blackhole {
+    count: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+    shown: String,
+    reporter: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Blackhole {
+    /// A silent blackhole.
+    pub fn new() -> Self {
+        Blackhole {
+            count: Arc::default(),
+            bytes: Arc::default(),
+            shown: "blackhole://".into(),
+            reporter: None,
+        }
+    }
+
+    /// Envelopes discarded so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn report_every(&mut self, interval: Duration) {
+        let count = self.count.clone();
+        let bytes = self.bytes.clone();
+        self.reporter = Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.tick().await;
+            let (mut last_n, mut last_b) = (0, 0);
+            loop {
+                tick.tick().await;
+                let (n, b) = (count.load(Ordering::Relaxed), bytes.load(Ordering::Relaxed));
+                let secs = interval.as_secs_f64();
+                eprintln!(
+                    "blackhole: {n} envelopes, {:.0}/s, {:.1} MiB/s over the last {secs}s",
+                    (n - last_n) as f64 / secs,
+                    (b - last_b) as f64 / secs / 1048576.0,
+                );
+                (last_n, last_b) = (n, b);
+            }
+        }));
+    }
+}
+
+impl Default for Blackhole {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        if let Some(r) = self.reporter.take() {
+            r.abort();
+        }
+    }
+}
+
+/// Parses `blackhole://[?interval=SECONDS]` (also `none://`); must be
+/// called inside a tokio runtime when `interval` is set.
+pub fn open(url: &Url) -> Result<Blackhole, OpenError> {
+    let mut opts = Options::new(url)?;
+    if url.host_str().is_some_and(|h| !h.is_empty()) || !matches!(url.path(), "" | "/") {
+        return Err(opts.invalid(format!(
+            "{0}:// takes no host or path; accepted form: {0}://[?interval=SECONDS]",
+            url.scheme()
+        )));
+    }
+    let interval: Option<f64> = opts.parse("interval", "a number of seconds")?;
+    if let Some(s) = interval.filter(|s| !(*s > 0.0 && s.is_finite())) {
+        return Err(opts.invalid(format!(
+            "option `interval={s}` must be a positive number of seconds"
+        )));
+    }
+    let mut hole = Blackhole::new();
+    hole.shown = opts.shown_url().to_string();
+    opts.finish(&["interval"])?;
+    if let Some(s) = interval {
+        hole.report_every(Duration::from_secs_f64(s));
+    }
+    Ok(hole)
+}
+
+#[async_trait]
+impl Sink for Blackhole {
+    fn describe(&self) -> &str {
+        &self.shown
+    }
+
+    async fn send(&self, batch: &[Arc<Envelope>]) -> Result<(), BatchError> {
+        let bytes: usize = batch.iter().map(|e| e.json().len()).sum();
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.count.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_envelope;
+
+    #[tokio::test]
+    async fn counts_everything() {
+        let hole = Blackhole::new();
+        let batch: Vec<_> = (0..5).map(|i| Arc::new(test_envelope(&i.to_string()))).collect();
+        hole.send(&batch).await.unwrap();
+        hole.send(&batch[..2]).await.unwrap();
+        assert_eq!(hole.count(), 7);
+    }
+}

@@ -1,0 +1,93 @@
+//! Errors of sinks: whether retrying can help is the one thing the pipeline
+//! needs to know.
+
+/// Why a sink could not confirm an envelope.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SinkError {
+    /// The destination may accept it later (broker down, timeout, full
+    /// queue): the pipeline retries with backoff and never drops it.
+    #[error("{0} (retryable)")]
+    Retryable(String),
+    /// Retrying cannot help (too large, not authorized, rejected): the
+    /// envelope is reported and its notification stays unacknowledged.
+    #[error("{0} (permanent)")]
+    Permanent(String),
+}
+
+impl SinkError {
+    /// True when sending the same envelope again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, SinkError::Retryable(_))
+    }
+}
+
+/// A batch stopped at envelope `at`: everything before it was confirmed,
+/// nothing from `at` on was.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("envelope {at} of the batch: {error}")]
+pub struct BatchError {
+    /// Index of the first envelope the destination did not confirm.
+    pub at: usize,
+    /// Why.
+    pub error: SinkError,
+}
+
+impl BatchError {
+    /// A failure of the whole batch (nothing confirmed).
+    pub fn all(error: SinkError) -> Self {
+        BatchError { at: 0, error }
+    }
+}
+
+/// Why a sink URL could not be turned into a sink.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The text is not a URL at all.
+    #[error("sink URL `{url}` is malformed: {reason}; accepted forms: {accepted}", accepted = crate::ACCEPTED)]
+    Malformed {
+        /// The URL, secrets redacted.
+        url: String,
+        /// What the parser said.
+        reason: String,
+    },
+    /// A scheme nobody implements.
+    #[error("sink URL `{url}` has unknown scheme `{scheme}`; accepted forms: {accepted}", accepted = crate::ACCEPTED)]
+    UnknownScheme {
+        /// The URL, secrets redacted.
+        url: String,
+        /// The scheme that was given.
+        scheme: String,
+    },
+    /// A real sink this build was compiled without.
+    #[error("sink scheme `{scheme}://` needs cargo feature `{feature}`, which this build does not enable (rebuild with `--features {feature}`)")]
+    FeatureDisabled {
+        /// The scheme that was given.
+        scheme: String,
+        /// The cargo feature that provides it.
+        feature: &'static str,
+    },
+    /// A sink the project plans but this version does not have yet.
+    #[error("sink scheme `{scheme}://` is not available in this version of evbridge; accepted forms now: stdout://, blackhole://, none://")]
+    Unavailable {
+        /// The scheme that was given.
+        scheme: String,
+    },
+    /// A known scheme with an option, host or path it does not accept.
+    #[error("sink URL `{url}`: {reason}")]
+    Invalid {
+        /// The URL, secrets redacted.
+        url: String,
+        /// What is wrong and what is accepted instead.
+        reason: String,
+    },
+    /// The destination could not be reached or set up.
+    #[error("sink `{url}` could not be opened: {reason}")]
+    Connect {
+        /// The URL, secrets redacted.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+}

@@ -1,0 +1,144 @@
+//! evbridge's sinks: the [`Envelope`] every event becomes, the [`Sink`]
+//! trait every destination implements, and [`open`], which turns a sink URL
+//! into a sink.
+//!
+//! # Layout
+//! - `envelope`: the normalized event and its JSON, encoded once.
+//! - `error`: [`SinkError`] (retryable or permanent), [`BatchError`],
+//!   [`OpenError`] for bad URLs.
+//! - `options`: query-string options, strict about unknown keys, and
+//!   [`redact`] for showing URLs without secrets.
+//! - `stdout`: `stdout://`, one JSON line per envelope (any `AsyncWrite`).
+//! - `blackhole`: `blackhole://` / `none://`, counts and discards.
+//!
+//! Each sink with a heavy dependency sits behind a cargo feature of its own.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+mod blackhole;
+mod envelope;
+mod error;
+mod options;
+mod stdout;
+
+pub use blackhole::Blackhole;
+pub use envelope::{Envelope, Event};
+pub use error::{BatchError, OpenError, SinkError};
+pub use options::{Options, redact};
+pub use stdout::{Format, WriterSink};
+
+/// Every accepted sink URL form, for error messages and `--help`.
+pub const ACCEPTED: &str = "stdout://[?format=json|pretty], blackhole://[?interval=SECONDS], \
+     none://, kafka://HOST:PORT[,HOST:PORT...]/TOPIC, \
+     amqp[s]://USER:PASS@HOST:PORT/VHOST?exchange=E&routing_key=TEMPLATE, grpc[s]://HOST:PORT";
+
+/// A destination for envelopes.
+///
+/// `send` resolves only once the destination has confirmed, which is what
+/// lets the bridge acknowledge upstream without ever losing an event.
+#[async_trait]
+pub trait Sink: Send + Sync + Debug {
+    /// The sink's URL with secrets redacted, for logs and metrics.
+    fn describe(&self) -> &str;
+
+    /// Delivers `batch` in order and resolves when the destination has
+    /// confirmed all of it. On error, every envelope before
+    /// [`BatchError::at`] was confirmed and none from it on.
+    async fn send(&self, batch: &[Arc<Envelope>]) -> Result<(), BatchError>;
+
+    /// Checks that the destination is reachable and usable.
+    async fn healthcheck(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    /// Waits until everything sent was written out; called on shutdown.
+    async fn flush(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+/// Builds the sink a URL names.
+///
+/// Errors name the bad part (scheme, host, option) and the accepted forms;
+/// passwords and secret options never appear in them.
+pub async fn open(raw: &str) -> Result<Arc<dyn Sink>, OpenError> {
+    let url = url::Url::parse(raw).map_err(|e| OpenError::Malformed {
+        url: redact(raw),
+        reason: e.to_string(),
+    })?;
+    match url.scheme() {
+        "stdout" => Ok(Arc::new(stdout::open(&url)?)),
+        "blackhole" | "none" => Ok(Arc::new(blackhole::open(&url)?)),
+        scheme @ ("kafka" | "amqp" | "amqps" | "grpc" | "grpcs") => Err(OpenError::Unavailable {
+            scheme: scheme.to_string(),
+        }),
+        scheme => Err(OpenError::UnknownScheme {
+            url: redact(raw),
+            scheme: scheme.to_string(),
+        }),
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn test_envelope(id: &str) -> Envelope {
+    Envelope::new(Event {
+        id: id.into(),
+        name: "test".into(),
+        namespace: "default".into(),
+        timestamp: "2026-11-25T00:00:00Z".into(),
+        version: Envelope::VERSION,
+        topic: "lifecycle".into(),
+        key: id.into(),
+        attributes: Default::default(),
+        payload: serde_json::value::RawValue::from_string(r#"{"n":1}"#.into()).unwrap(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every accepted and rejected URL form, and what the error must say.
+    #[tokio::test]
+    async fn url_table() {
+        let cases: &[(&str, Result<&str, &[&str]>)] = &[
+            ("stdout://", Ok("stdout://")),
+            ("stdout://?format=pretty", Ok("stdout://?format=pretty")),
+            ("stdout://?format=json", Ok("stdout://?format=json")),
+            ("blackhole://", Ok("blackhole://")),
+            ("none://", Ok("none://")),
+            ("blackhole://?interval=2", Ok("blackhole://?interval=2")),
+            ("stdout://?format=xml", Err(&["format=xml", "json, pretty"])),
+            ("stdout://?colour=1", Err(&["unknown option `colour`", "accepted: format"])),
+            ("stdout://somehost", Err(&["takes no host or path", "stdout://[?format"])),
+            ("blackhole://?interval=0", Err(&["interval=0", "positive"])),
+            ("blackhole://?interval=x", Err(&["interval=x", "number of seconds"])),
+            ("none://?x=1", Err(&["unknown option `x`"])),
+            ("ftp://x", Err(&["unknown scheme `ftp`", "kafka://HOST:PORT"])),
+            ("stdout", Err(&["malformed", "relative URL without a base", "stdout://"])),
+            ("", Err(&["malformed", "accepted forms"])),
+            ("kafka://b:9092/t", Err(&["kafka://", "not available"])),
+            ("amqp://u:hunter2@h/v", Err(&["amqp://", "not available"])),
+            ("grpc://h:1", Err(&["grpc://", "not available"])),
+            ("fancy://u:hunter2@h/", Err(&["unknown scheme `fancy`", "u:***@h"])),
+        ];
+        for (url, want) in cases {
+            let got = open(url).await;
+            match (got, want) {
+                (Ok(sink), Ok(shown)) => assert_eq!(sink.describe(), *shown, "{url}"),
+                (Err(e), Err(parts)) => {
+                    let msg = e.to_string();
+                    for part in *parts {
+                        assert!(msg.contains(part), "{url}: `{msg}` lacks `{part}`");
+                    }
+                    assert!(!msg.contains("hunter2"), "{url}: secret leaked in `{msg}`");
+                }
+                (Ok(_), Err(_)) => panic!("{url}: accepted, expected an error"),
+                (Err(e), Ok(_)) => panic!("{url}: rejected: {e}"),
+            }
+        }
+    }
+}

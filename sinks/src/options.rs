@@ -1,0 +1,219 @@
+//! Query-string options of sink URLs: every option a sink reads is taken
+//! explicitly, and anything left over is an error that lists what is
+//! accepted, so a typo never silently falls back to a default.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use url::Url;
+
+use crate::OpenError;
+
+/// Names whose values are secrets wherever they appear in a URL query.
+const SECRET_WORDS: [&str; 6] = ["password", "passwd", "secret", "token", "key", "sasl"];
+
+/// The URL with its password and secret-looking query values replaced by
+/// `***`, for logs and errors.
+pub fn redact(raw: &str) -> String {
+    let Ok(mut url) = Url::parse(raw) else {
+        // Not parseable: still hide anything between `:` and `@`.
+        return redact_userinfo(raw);
+    };
+    if url.password().is_some() {
+        let _ = url.set_password(Some("***"));
+    }
+    if url.query().is_some() {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| {
+                let lower = k.to_ascii_lowercase();
+                let secret = SECRET_WORDS.iter().any(|w| lower.contains(w));
+                (k.into_owned(), if secret { "***".into() } else { v.into_owned() })
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    url.to_string()
+}
+
+fn redact_userinfo(raw: &str) -> String {
+    let Some(scheme_end) = raw.find("://") else {
+        return raw.to_string();
+    };
+    let rest = &raw[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => match rest[..at].find(':') {
+            Some(colon) => format!(
+                "{}{}:***{}",
+                &raw[..scheme_end + 3],
+                &rest[..colon],
+                &rest[at..]
+            ),
+            None => raw.to_string(),
+        },
+        None => raw.to_string(),
+    }
+}
+
+/// The options of one sink URL, consumed as the sink reads them.
+#[derive(Debug)]
+pub struct Options {
+    url: String,
+    values: BTreeMap<String, String>,
+}
+
+impl Options {
+    /// Collects the query of `url`; a repeated key is an error.
+    pub fn new(url: &Url) -> Result<Self, OpenError> {
+        let shown = redact(url.as_str());
+        let mut values = BTreeMap::new();
+        for (k, v) in url.query_pairs() {
+            if values.insert(k.to_string(), v.to_string()).is_some() {
+                return Err(OpenError::Invalid {
+                    url: shown,
+                    reason: format!("option `{k}` is given twice"),
+                });
+            }
+        }
+        Ok(Options { url: shown, values })
+    }
+
+    /// The URL with secrets redacted, for messages.
+    pub fn shown_url(&self) -> &str {
+        &self.url
+    }
+
+    /// Takes a string option.
+    pub fn take(&mut self, key: &str) -> Option<String> {
+        self.values.remove(key)
+    }
+
+    /// Takes an option parsed with `FromStr`; a bad value names the option,
+    /// the value and what is expected.
+    pub fn parse<T: FromStr>(&mut self, key: &str, expected: &str) -> Result<Option<T>, OpenError> {
+        match self.values.remove(key) {
+            None => Ok(None),
+            Some(v) => v.parse().map(Some).map_err(|_| {
+                let secret = SECRET_WORDS.iter().any(|w| key.contains(w));
+                let shown = if secret { "***" } else { v.as_str() };
+                self.invalid(format!("option `{key}={shown}` is not {expected}"))
+            }),
+        }
+    }
+
+    /// Takes a boolean option (`true`/`false`, `1`/`0`, `yes`/`no`).
+    pub fn flag(&mut self, key: &str) -> Result<Option<bool>, OpenError> {
+        match self.values.remove(key).as_deref() {
+            None => Ok(None),
+            Some("true" | "1" | "yes" | "on") => Ok(Some(true)),
+            Some("false" | "0" | "no" | "off") => Ok(Some(false)),
+            Some(v) => Err(self.invalid(format!("option `{key}={v}` is not true or false"))),
+        }
+    }
+
+    /// Takes one of a fixed set of words.
+    pub fn choice(&mut self, key: &str, accepted: &[&str]) -> Result<Option<String>, OpenError> {
+        match self.values.remove(key) {
+            None => Ok(None),
+            Some(v) if accepted.contains(&v.as_str()) => Ok(Some(v)),
+            Some(v) => Err(self.invalid(format!(
+                "option `{key}={v}` is not one of: {}",
+                accepted.join(", ")
+            ))),
+        }
+    }
+
+    /// Takes every option whose key starts with `prefix`, prefix removed.
+    pub fn take_prefixed(&mut self, prefix: &str) -> Vec<(String, String)> {
+        let keys: Vec<String> = self
+            .values
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
+        keys.into_iter()
+            .map(|k| {
+                let v = self.values.remove(&k).unwrap_or_default();
+                (k[prefix.len()..].to_string(), v)
+            })
+            .collect()
+    }
+
+    /// An error about this URL.
+    pub fn invalid(&self, reason: impl Into<String>) -> OpenError {
+        OpenError::Invalid {
+            url: self.url.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Fails if any option was not taken, listing the accepted ones.
+    pub fn finish(self, accepted: &[&str]) -> Result<(), OpenError> {
+        match self.values.keys().next() {
+            None => Ok(()),
+            Some(k) => Err(OpenError::Invalid {
+                reason: if accepted.is_empty() {
+                    format!("unknown option `{k}`; this sink takes no options")
+                } else {
+                    format!("unknown option `{k}`; accepted: {}", accepted.join(", "))
+                },
+                url: self.url,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_and_secret_options() {
+        let cases = [
+            ("amqp://user:hunter2@host:5672/vh", "amqp://user:***@host:5672/vh"),
+            (
+                "kafka://b:9092/t?rdkafka.sasl.password=hunter2&acks=all",
+                "kafka://b:9092/t?rdkafka.sasl.password=***&acks=all",
+            ),
+            ("stdout://", "stdout://"),
+            ("not a url user:hunter2@x", "not a url user:hunter2@x"),
+            ("bad://user:hunter2@[::1/x", "bad://user:***@[::1/x"),
+        ];
+        for (input, want) in cases {
+            let got = redact(input);
+            assert_eq!(got, want, "redact({input})");
+        }
+        assert!(!redact("amqp://u:hunter2@h/?x=1").contains("hunter2"));
+    }
+
+    #[test]
+    fn leftover_option_is_an_error_listing_accepted() {
+        let url = Url::parse("stdout://?format=pretty&colour=red").unwrap();
+        let mut o = Options::new(&url).unwrap();
+        assert_eq!(o.take("format").as_deref(), Some("pretty"));
+        let e = o.finish(&["format"]).unwrap_err().to_string();
+        assert!(e.contains("unknown option `colour`"), "{e}");
+        assert!(e.contains("accepted: format"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_option() {
+        let url = Url::parse("x://?n=abc&b=maybe&c=zz&n2=1").unwrap();
+        let mut o = Options::new(&url).unwrap();
+        let e = o.parse::<u64>("n", "a whole number").unwrap_err().to_string();
+        assert!(e.contains("`n=abc` is not a whole number"), "{e}");
+        let e = o.flag("b").unwrap_err().to_string();
+        assert!(e.contains("`b=maybe`"), "{e}");
+        let e = o.choice("c", &["json", "pretty"]).unwrap_err().to_string();
+        assert!(e.contains("not one of: json, pretty"), "{e}");
+        assert_eq!(o.parse::<u64>("n2", "n").unwrap(), Some(1));
+        assert_eq!(o.parse::<u64>("absent", "n").unwrap(), None);
+    }
+
+    #[test]
+    fn repeated_option_is_an_error() {
+        let url = Url::parse("x://?a=1&a=2").unwrap();
+        assert!(Options::new(&url).unwrap_err().to_string().contains("twice"));
+    }
+}
