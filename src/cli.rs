@@ -1,0 +1,496 @@
+//! Command-line interface: the bridge (default), `sim` and `demo`.
+//!
+//! The flags of EngFlow's example client work as aliases
+//! (`--notification_queue_endpoint`, `--queue_name`, `--tls_certificate`,
+//! `--tls_key`, `--token`, `--forward`), in `--flag=value` and
+//! `--flag value` forms.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use evbridge_sinks::Sink;
+use tracing::{error, info};
+
+use crate::bridge::{self, BridgeConfig};
+use crate::normalize::Topics;
+use crate::pb::es::replay_mode_options::ReplayMode;
+use crate::shutdown;
+use crate::sim::{self, Sim, SimConfig};
+use crate::sim_gen::GenConfig;
+use crate::source::{SourceConfig, SourceError};
+
+const EXAMPLES: &str = "\
+Examples:
+  # See it work with no cluster: a simulated EngFlow cluster bridged to stdout
+  evbridge demo
+
+  # EngFlow to stdout, token from the environment (never on the command line)
+  EVBRIDGE_TOKEN=... evbridge --source grpcs://cluster.example.com --sink stdout://
+
+  # mTLS client certificate, events counted and discarded (load test)
+  evbridge --source grpcs://cluster.example.com --tls-cert me.crt --tls-key me.key \\
+           --sink 'blackhole://?interval=5'
+
+  # Several sinks: an envelope is done only when every sink confirmed it
+  evbridge --source grpc://127.0.0.1:8080 --sink stdout:// --sink none://
+
+  # A local simulated cluster, for tests and benchmarks
+  evbridge sim --listen 127.0.0.1:8080 --builds 100 --token secret
+
+Sink URLs:
+  stdout://[?format=json|pretty]      one JSON object per line (or indented)
+  blackhole://[?interval=SECONDS]     count and discard; print a rate line every N s
+  none://                             same as blackhole://
+";
+
+/// evbridge: bridge EngFlow build events to sinks, never losing one.
+#[derive(Debug, Parser)]
+#[command(name = "evbridge", version, after_help = EXAMPLES, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    bridge: BridgeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a simulated EngFlow cluster (notification queue + event store).
+    Sim(SimArgs),
+    /// Start a simulated cluster in-process and bridge it to stdout.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Replay {
+    /// Replay what is stored, then stop.
+    StopAfterLastKnown,
+    /// Replay, then follow live events until the invocation completes.
+    UntilComplete,
+}
+
+/// Flags of the bridge itself.
+#[derive(Debug, Args)]
+struct BridgeArgs {
+    /// EngFlow cluster: grpc://HOST[:PORT] or grpcs://HOST[:PORT].
+    #[arg(long, alias = "notification_queue_endpoint", value_name = "URL")]
+    source: Option<String>,
+    /// Notification queue to pull.
+    #[arg(long, alias = "queue_name", value_name = "NAME", default_value = "eventstore/lifecycle-events")]
+    queue: String,
+    /// Sink URL; repeat for several (default stdout://).
+    #[arg(long = "sink", value_name = "URL")]
+    sinks: Vec<String>,
+    /// Forward to an EngFlow demo-server receiver (same as --sink grpc://…).
+    #[arg(long, value_name = "URL")]
+    forward: Vec<String>,
+    /// Auth token (prefer EVBRIDGE_TOKEN or --token-file: command lines are
+    /// visible to other local users).
+    #[arg(long, env = "EVBRIDGE_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    token: Option<String>,
+    /// File holding the auth token.
+    #[arg(long, value_name = "PATH", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mTLS.
+    #[arg(long, alias = "tls_certificate", value_name = "PATH", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Client private key (PEM) for mTLS.
+    #[arg(long, alias = "tls_key", value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) to trust instead of the system roots.
+    #[arg(long, value_name = "PATH")]
+    tls_ca: Option<PathBuf>,
+    /// Acknowledgement window asked of the server, in seconds (30–300).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(30..=300))]
+    ack_deadline: u64,
+    /// Concurrent Pull streams sharing the queue.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    readers: u64,
+    /// How GetInvocation replays an invocation's events.
+    #[arg(long, value_enum, default_value_t = Replay::StopAfterLastKnown)]
+    replay: Replay,
+    /// Envelopes not yet confirmed by every sink, at most (bounds memory).
+    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_in_flight: u64,
+    /// Envelopes per sink call, at most.
+    #[arg(long, value_name = "N", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    max_batch: u64,
+    /// On SIGINT/SIGTERM, how long to finish in-flight work before giving up on it.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    shutdown_timeout: f64,
+    /// Topic of lifecycle envelopes.
+    #[arg(long, value_name = "NAME", default_value = "lifecycle")]
+    lifecycle_topic: String,
+    /// Topic of build-event envelopes.
+    #[arg(long, value_name = "NAME", default_value = "build-events")]
+    build_events_topic: String,
+}
+
+/// Flags of `evbridge sim`.
+#[derive(Debug, Args)]
+struct SimArgs {
+    /// Address to listen on (port 0 picks a free one; the bound address is printed).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    world: WorldArgs,
+    /// Notifications released per second (0 = all at start).
+    #[arg(long, value_name = "PER_SECOND", default_value_t = 0.0)]
+    rate: f64,
+    /// Require this token on every call (else UNAUTHENTICATED).
+    #[arg(long, env = "EVBRIDGE_SIM_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    token: Option<String>,
+    /// Serve TLS with this certificate (PEM)…
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// …and this private key (PEM).
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mTLS).
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+    /// End each Pull stream with UNAVAILABLE after it received K acknowledgements.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    drop_stream_every: usize,
+    /// End each GetInvocation stream with UNAVAILABLE after K events.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    drop_event_stream_every: usize,
+    /// Override every reader's acknowledgement window (milliseconds).
+    #[arg(long, value_name = "MS")]
+    ack_window_ms: Option<u64>,
+    /// Unacknowledged notifications per reader, at most.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    max_unacked_per_reader: usize,
+    /// Also write the JSON report to this file (on exit and on SIGUSR1).
+    #[arg(long, value_name = "PATH")]
+    report_file: Option<PathBuf>,
+    /// Exit once every notification was acknowledged.
+    #[arg(long)]
+    exit_when_acked: bool,
+}
+
+/// What the simulated cluster holds.
+#[derive(Debug, Args)]
+struct WorldArgs {
+    /// Builds to generate (each has one or two invocations).
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    builds: usize,
+    /// Build events per invocation.
+    #[arg(long, value_name = "M", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    events_per_invocation: u64,
+    /// Seed of the generated content.
+    #[arg(long, value_name = "S", default_value_t = 1)]
+    seed: u64,
+    /// EngFlow instance name.
+    #[arg(long, value_name = "NAME", default_value = "default")]
+    instance: String,
+    /// Queue name served.
+    #[arg(long, value_name = "NAME", default_value = "eventstore/lifecycle-events")]
+    queue: String,
+    /// After every K notifications add one whose payload does not decode.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    bad_payload_every: usize,
+}
+
+/// Flags of `evbridge demo`.
+#[derive(Debug, Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    world: WorldArgs,
+    /// Notifications released per second (0 = all at start).
+    #[arg(long, value_name = "PER_SECOND", default_value_t = 20.0)]
+    rate: f64,
+    /// Where the envelopes go.
+    #[arg(long = "sink", value_name = "URL", default_value = "stdout://")]
+    sinks: Vec<String>,
+}
+
+/// A failure with the exit code it deserves (2: bad input, 1: runtime).
+#[derive(Debug)]
+pub struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn usage(message: impl Into<String>) -> Self {
+        Failure {
+            code: 2,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<SourceError> for Failure {
+    fn from(e: SourceError) -> Self {
+        let code = match e {
+            SourceError::Config(_) => 2,
+            SourceError::Fatal(_) => 1,
+        };
+        Failure {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn read_file(flag: &str, path: &Path) -> Result<Vec<u8>, Failure> {
+    std::fs::read(path)
+        .map_err(|e| Failure::usage(format!("cannot read {flag} `{}`: {e}", path.display())))
+}
+
+/// Runs the parsed command line; returns the process exit code.
+pub async fn main(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Some(Command::Sim(args)) => run_sim(args).await,
+        Some(Command::Demo(args)) => run_demo(args).await,
+        None => run_bridge(cli.bridge).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            error!("{}", f.message);
+            eprintln!("evbridge: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+async fn open_sinks(urls: &[String]) -> Result<Vec<Arc<dyn Sink>>, Failure> {
+    let mut sinks = Vec::with_capacity(urls.len());
+    for url in urls {
+        sinks.push(
+            evbridge_sinks::open(url)
+                .await
+                .map_err(|e| Failure::usage(e.to_string()))?,
+        );
+    }
+    Ok(sinks)
+}
+
+fn bridge_config(args: &BridgeArgs, source: String) -> Result<BridgeConfig, Failure> {
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(path)) => {
+            let raw = read_file("--token-file", path)?;
+            let text = String::from_utf8(raw).map_err(|_| {
+                Failure::usage(format!("--token-file `{}` is not UTF-8 text", path.display()))
+            })?;
+            Some(text.trim().to_string())
+        }
+        (None, None) => None,
+    };
+    if token.as_deref() == Some("") {
+        return Err(Failure::usage("the auth token is empty"));
+    }
+    let tls_identity = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some((read_file("--tls-cert", c)?, read_file("--tls-key", k)?)),
+        _ => None,
+    };
+    let tls_ca = args
+        .tls_ca
+        .as_ref()
+        .map(|p| read_file("--tls-ca", p))
+        .transpose()?;
+    if !(args.shutdown_timeout.is_finite() && args.shutdown_timeout >= 0.0) {
+        return Err(Failure::usage("--shutdown-timeout must be a number of seconds ≥ 0"));
+    }
+    let mut source = SourceConfig::new(source);
+    source.queue = args.queue.clone();
+    source.token = token;
+    source.tls_identity = tls_identity;
+    source.tls_ca = tls_ca;
+    source.ack_deadline = Duration::from_secs(args.ack_deadline);
+    source.readers = args.readers as usize;
+    source.replay = match args.replay {
+        Replay::StopAfterLastKnown => ReplayMode::StopAfterLastKnown,
+        Replay::UntilComplete => ReplayMode::UntilComplete,
+    };
+    source.shutdown_grace = Duration::from_secs_f64(args.shutdown_timeout);
+    let mut cfg = BridgeConfig::new(source);
+    cfg.topics = Topics {
+        lifecycle: args.lifecycle_topic.clone(),
+        build_events: args.build_events_topic.clone(),
+    };
+    cfg.max_in_flight = args.max_in_flight as usize;
+    cfg.max_batch = args.max_batch as usize;
+    Ok(cfg)
+}
+
+async fn run_bridge(args: BridgeArgs) -> Result<(), Failure> {
+    let Some(source) = args.source.clone() else {
+        return Err(Failure::usage(
+            "no source: give --source grpc://HOST[:PORT] or grpcs://HOST[:PORT] (or run `evbridge demo`)",
+        ));
+    };
+    let cfg = bridge_config(&args, source)?;
+    let mut urls = args.sinks.clone();
+    for f in &args.forward {
+        // The example client's --forward takes host:port or a grpc URL.
+        urls.push(if f.contains("://") {
+            f.clone()
+        } else {
+            format!("grpc://{f}")
+        });
+    }
+    if urls.is_empty() {
+        urls.push("stdout://".into());
+    }
+    let sinks = open_sinks(&urls).await?;
+    let (trigger, shutdown) = shutdown::channel();
+    tokio::spawn(async move {
+        shutdown::signal().await;
+        trigger.fire();
+        // Keep the trigger alive: dropping it would fire it again, harmlessly.
+        std::future::pending::<()>().await;
+    });
+    let summary = bridge::run(cfg, sinks, shutdown).await?;
+    info!(?summary, "stopped");
+    Ok(())
+}
+
+fn world_config(w: &WorldArgs, rate: f64) -> SimConfig {
+    SimConfig {
+        gen_config: GenConfig {
+            builds: w.builds,
+            events_per_invocation: w.events_per_invocation as usize,
+            seed: w.seed,
+            instance: w.instance.clone(),
+            bad_payload_every: w.bad_payload_every,
+        },
+        queue_name: w.queue.clone(),
+        rate: rate.max(0.0),
+        ..SimConfig::default()
+    }
+}
+
+fn write_report(sim: &Sim, path: Option<&Path>) {
+    let json = serde_json::to_string(&sim.report()).expect("report serializes");
+    println!("{json}");
+    if let Some(path) = path
+        && let Err(e) = std::fs::write(path, format!("{json}\n"))
+    {
+        error!("cannot write report to {}: {e}", path.display());
+    }
+}
+
+async fn run_sim(args: SimArgs) -> Result<(), Failure> {
+    let mut cfg = world_config(&args.world, args.rate);
+    cfg.token = args.token.clone();
+    cfg.drop_stream_every = args.drop_stream_every;
+    cfg.drop_event_stream_every = args.drop_event_stream_every;
+    cfg.max_unacked_per_reader = args.max_unacked_per_reader;
+    cfg.ack_window_override = args.ack_window_ms.map(Duration::from_millis);
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => {
+            let identity = tonic::transport::Identity::from_pem(
+                read_file("--tls-cert", c)?,
+                read_file("--tls-key", k)?,
+            );
+            let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+            if let Some(ca) = &args.client_ca {
+                tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read_file(
+                    "--client-ca",
+                    ca,
+                )?));
+            }
+            Some(tls)
+        }
+        _ => None,
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| Failure::usage(format!("cannot listen on {}: {e}", args.listen)))?;
+    let addr = listener.local_addr().map_err(|e| Failure::usage(e.to_string()))?;
+    let sim = Sim::new(cfg);
+    let scheme = if tls.is_some() { "grpcs" } else { "grpc" };
+    println!("evbridge sim listening on {scheme}://{addr}");
+    info!(
+        notifications = sim.world().notifications.len(),
+        invocations = sim.world().invocations.len(),
+        events = sim.world().invocation_events(),
+        "simulated cluster ready"
+    );
+
+    let (trigger, shutdown) = shutdown::channel();
+    let server = tokio::spawn(sim::serve(listener, sim.clone(), tls, shutdown));
+    let report_path = args.report_file.clone();
+    #[cfg(unix)]
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        .map_err(|e| Failure::usage(format!("cannot install SIGUSR1 handler: {e}")))?;
+    let mut poll = tokio::time::interval(Duration::from_millis(100));
+    let stop = shutdown::signal();
+    tokio::pin!(stop);
+    loop {
+        #[cfg(unix)]
+        let usr1_recv = usr1.recv();
+        #[cfg(not(unix))]
+        let usr1_recv = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = usr1_recv => write_report(&sim, report_path.as_deref()),
+            _ = poll.tick(), if args.exit_when_acked => if sim.all_acked() { break },
+        }
+    }
+    trigger.fire();
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(Ok(Err(e))) => return Err(Failure { code: 1, message: format!("simulator failed: {e}") }),
+        Ok(_) | Err(_) => {}
+    }
+    write_report(&sim, report_path.as_deref());
+    Ok(())
+}
+
+async fn run_demo(args: DemoArgs) -> Result<(), Failure> {
+    let cfg = world_config(&args.world, args.rate);
+    let sinks = open_sinks(&args.sinks).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| Failure::usage(format!("cannot listen on 127.0.0.1:0: {e}")))?;
+    let addr = listener.local_addr().map_err(|e| Failure::usage(e.to_string()))?;
+    let sim = Sim::new(cfg);
+    eprintln!(
+        "evbridge demo: simulated EngFlow cluster on grpc://{addr} with {} notifications and {} build events; bridging to {}",
+        sim.world().notifications.len(),
+        sim.world().invocation_events(),
+        args.sinks.join(", ")
+    );
+    let (sim_trigger, sim_shutdown) = shutdown::channel();
+    tokio::spawn(sim::serve(listener, sim.clone(), None, sim_shutdown));
+
+    let (trigger, shutdown) = shutdown::channel();
+    let watcher = {
+        let sim = sim.clone();
+        tokio::spawn(async move {
+            let stop = shutdown::signal();
+            tokio::pin!(stop);
+            let mut poll = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    _ = &mut stop => break,
+                    _ = poll.tick() => if sim.all_acked() { break },
+                }
+            }
+            trigger.fire();
+        })
+    };
+    let mut source = SourceConfig::new(format!("grpc://{addr}"));
+    source.queue = args.world.queue.clone();
+    source.shutdown_grace = Duration::from_secs(5);
+    let summary = bridge::run(BridgeConfig::new(source), sinks, shutdown).await?;
+    let _ = watcher.await;
+    sim_trigger.fire();
+    let report = sim.report();
+    eprintln!(
+        "evbridge demo: done. {} notifications acknowledged, {} envelopes delivered ({} build events). Report: {}",
+        report.queue.acked,
+        summary.envelopes,
+        summary.events,
+        serde_json::to_string(&report).expect("report serializes")
+    );
+    Ok(())
+}

@@ -1,0 +1,460 @@
+//! Turns EngFlow notifications and streamed build events into envelopes.
+//!
+//! Everything here is a pure function of its input, which is what makes
+//! envelope ids deterministic across redeliveries. Nothing here panics on
+//! hostile input: whatever does not decode travels on raw (type URL and
+//! base64 bytes) with the reason, and the caller logs it.
+
+use std::collections::BTreeMap;
+
+use evbridge_sinks::{Envelope, Event};
+use prost::Message as _;
+use prost_reflect::{DynamicMessage, MessageDescriptor, ReflectMessage, Value};
+use serde_json::value::RawValue;
+use serde_json::{Map, json};
+use uuid::Uuid;
+
+use crate::pb::{self, DESCRIPTORS, LIFECYCLE_TYPE_URL, es, nq};
+
+/// Namespace of the v5 UUIDs evbridge derives its envelope ids from.
+const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f1e_3c0a_8d2b_4b7e_9a51_0c4d_e2f3_a7b9);
+/// How many `Any` values deep expansion goes before leaving the rest raw.
+const MAX_ANY_DEPTH: usize = 16;
+const ANY: &str = "google.protobuf.Any";
+const RAW_ANY_TYPE_URL: &str = "type.googleapis.com/evbridge.v1.RawAny";
+
+/// Topic names given to the two kinds of envelope.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    /// Topic of lifecycle envelopes (one per notification).
+    pub lifecycle: String,
+    /// Topic of build-event envelopes (one per streamed event).
+    pub build_events: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Topics {
+            lifecycle: "lifecycle".into(),
+            build_events: "build-events".into(),
+        }
+    }
+}
+
+/// The invocation whose build events a notification asks to fetch, with
+/// the context every one of its envelopes carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invocation {
+    /// Id of the notification that announced it (for logs).
+    pub notification_id: String,
+    /// EngFlow instance name.
+    pub instance: String,
+    /// Build the invocation belongs to.
+    pub build_id: String,
+    /// The invocation.
+    pub invocation_id: String,
+    /// Time of the notification, used when an event has none.
+    pub timestamp: String,
+}
+
+/// A lifecycle envelope and what else the notification asks for.
+#[derive(Debug)]
+pub struct Lifecycle {
+    /// The envelope of the notification itself.
+    pub envelope: Envelope,
+    /// Set for `invocation_finished`: fetch this invocation's events.
+    pub fetch: Option<Invocation>,
+    /// Why parts were left raw, if any (to be logged with the id).
+    pub problems: Vec<String>,
+}
+
+/// A build-event envelope and any parts that were left raw.
+#[derive(Debug)]
+pub struct BuildEvent {
+    /// The envelope.
+    pub envelope: Envelope,
+    /// Why parts were left raw, if any (to be logged with the id).
+    pub problems: Vec<String>,
+}
+
+/// Normalizes notifications and build events into envelopes.
+#[derive(Debug, Clone)]
+pub struct Normalizer {
+    topics: Topics,
+    lifecycle: MessageDescriptor,
+    streamed: MessageDescriptor,
+    raw_any: MessageDescriptor,
+}
+
+impl Default for Normalizer {
+    fn default() -> Self {
+        Self::new(Topics::default())
+    }
+}
+
+impl Normalizer {
+    /// A normalizer writing the given topic names.
+    pub fn new(topics: Topics) -> Self {
+        let msg = |name: &str| {
+            DESCRIPTORS
+                .get_message_by_name(name)
+                .unwrap_or_else(|| panic!("{name} is in proto/"))
+        };
+        Normalizer {
+            topics,
+            lifecycle: msg("engflow.eventstore.v1.BuildLifecycleEventNotification"),
+            streamed: msg("engflow.eventstore.v1.StreamedBuildEvent"),
+            raw_any: msg("evbridge.v1.RawAny"),
+        }
+    }
+
+    /// The lifecycle envelope of one notification.
+    pub fn lifecycle(&self, n: &nq::Notification) -> Lifecycle {
+        let timestamp = n
+            .timestamp
+            .map(|t| t.to_string())
+            .unwrap_or_else(now_rfc3339);
+        let mut attributes = BTreeMap::from([("notification_id".to_string(), n.id.clone())]);
+        let event = |name: &str, namespace: String, key: String, attributes, payload| Event {
+            id: notification_envelope_id(&n.id),
+            name: name.into(),
+            namespace,
+            timestamp: timestamp.clone(),
+            version: Envelope::VERSION,
+            topic: self.topics.lifecycle.clone(),
+            key,
+            attributes,
+            payload,
+        };
+
+        let (type_url, value) = match &n.payload {
+            Some(any) => (any.type_url.as_str(), any.value.as_slice()),
+            None => ("", &[][..]),
+        };
+        let decoded = if type_url != LIFECYCLE_TYPE_URL {
+            Err(if type_url.is_empty() {
+                "notification has no payload".to_string()
+            } else {
+                format!("unknown payload type `{type_url}`")
+            })
+        } else {
+            pb::es::BuildLifecycleEventNotification::decode(value)
+                .map_err(|e| format!("payload `{type_url}` does not decode: {e}"))
+        };
+        let l = match decoded {
+            Ok(l) => l,
+            Err(problem) => {
+                let raw = self.raw_any_json(type_url, value, &problem);
+                let envelope = Envelope::new(event(
+                    "raw_notification",
+                    "default".into(),
+                    n.id.clone(),
+                    attributes,
+                    raw,
+                ));
+                return Lifecycle {
+                    envelope,
+                    fetch: None,
+                    problems: vec![problem],
+                };
+            }
+        };
+
+        use es::build_lifecycle_event_notification::Kind;
+        let (name, invocation_id) = match &l.kind {
+            Some(Kind::BuildStarted(_)) => ("build_started", None),
+            Some(Kind::BuildFinished(_)) => ("build_finished", None),
+            Some(Kind::InvocationStarted(i)) => ("invocation_started", Some(&i.invocation_id)),
+            Some(Kind::InvocationFinished(i)) => ("invocation_finished", Some(&i.invocation_id)),
+            None => ("lifecycle_event", None),
+        };
+        let namespace = instance_or_default(&l.instance_name);
+        let key = invocation_id
+            .filter(|i| !i.is_empty())
+            .or(Some(&l.build_id).filter(|b| !b.is_empty()))
+            .unwrap_or(&n.id)
+            .clone();
+        attributes.insert("build_id".into(), l.build_id.clone());
+        if let Some(inv) = invocation_id {
+            attributes.insert("invocation_id".into(), inv.clone());
+        }
+        if let Some(user) = l.auth_context.as_ref().and_then(|a| a.user.as_ref()) {
+            attributes.insert("principal".into(), user.principal.clone());
+        }
+        let keywords = parse_keywords(&l.keywords);
+        if let Some(cmd) = keywords.get("commandName").and_then(|c| c.as_str()) {
+            attributes.insert("command_name".into(), cmd.to_string());
+        }
+
+        let mut problems = Vec::new();
+        let payload = match DynamicMessage::decode(self.lifecycle.clone(), value) {
+            Ok(mut msg) => {
+                self.sanitize(&mut msg, 0, &mut problems);
+                with_keywords(&msg, keywords)
+            }
+            // The typed decode succeeded, so this cannot happen unless the
+            // descriptor set and the generated code disagree.
+            Err(e) => {
+                let problem = format!("payload does not decode dynamically: {e}");
+                let raw = self.raw_any_json(type_url, value, &problem);
+                problems.push(problem);
+                raw
+            }
+        };
+        let fetch = match &l.kind {
+            Some(Kind::InvocationFinished(i)) => Some(Invocation {
+                notification_id: n.id.clone(),
+                instance: l.instance_name.clone(),
+                build_id: l.build_id.clone(),
+                invocation_id: i.invocation_id.clone(),
+                timestamp: timestamp.clone(),
+            }),
+            _ => None,
+        };
+        Lifecycle {
+            envelope: Envelope::new(event(name, namespace, key, attributes, payload)),
+            fetch,
+            problems,
+        }
+    }
+
+    /// The envelope of the `seq`-th event (0-based) streamed for `inv`.
+    pub fn build_event(&self, inv: &Invocation, seq: u64, ev: &es::StreamedBuildEvent) -> BuildEvent {
+        let progress = ev.event.as_ref();
+        let build_event = progress.and_then(|p| p.build_event.as_ref());
+        let name = build_event
+            .and_then(|b| b.event.as_ref())
+            .map_or("build_event", build_event_name);
+        let timestamp = build_event
+            .and_then(|b| b.event_time)
+            .map_or_else(|| inv.timestamp.clone(), |t| t.to_string());
+        let keywords = parse_keywords(progress.map_or(&[][..], |p| &p.notification_keywords));
+
+        let mut attributes = BTreeMap::from([
+            ("notification_id".to_string(), inv.notification_id.clone()),
+            ("build_id".to_string(), inv.build_id.clone()),
+            ("invocation_id".to_string(), inv.invocation_id.clone()),
+            ("sequence".to_string(), seq.to_string()),
+        ]);
+        if !ev.principal.is_empty() {
+            attributes.insert("principal".into(), ev.principal.clone());
+        }
+        if let Some(cmd) = keywords.get("commandName").and_then(|c| c.as_str()) {
+            attributes.insert("command_name".into(), cmd.to_string());
+        }
+
+        // The continuation token is transport state, not content.
+        let mut stripped = ev.clone();
+        stripped.continuation_token.clear();
+        let bytes = stripped.encode_to_vec();
+        let mut problems = Vec::new();
+        let payload = match DynamicMessage::decode(self.streamed.clone(), bytes.as_slice()) {
+            Ok(mut msg) => {
+                self.sanitize(&mut msg, 0, &mut problems);
+                with_keywords(&msg, keywords)
+            }
+            Err(e) => {
+                let problem = format!("build event does not decode dynamically: {e}");
+                let raw = self.raw_any_json(
+                    "type.googleapis.com/engflow.eventstore.v1.StreamedBuildEvent",
+                    &bytes,
+                    &problem,
+                );
+                problems.push(problem);
+                raw
+            }
+        };
+        let envelope = Envelope::new(Event {
+            id: build_event_id(&inv.invocation_id, seq),
+            name: name.into(),
+            namespace: instance_or_default(&inv.instance),
+            timestamp,
+            version: Envelope::VERSION,
+            topic: self.topics.build_events.clone(),
+            key: inv.invocation_id.clone(),
+            attributes,
+            payload,
+        });
+        BuildEvent { envelope, problems }
+    }
+
+    /// Replaces every `Any` inside `msg` whose type is unknown or whose
+    /// bytes do not decode with an `evbridge.v1.RawAny` holding the
+    /// original, so the JSON encoder never fails and nothing is dropped.
+    fn sanitize(&self, msg: &mut DynamicMessage, depth: usize, problems: &mut Vec<String>) {
+        for (_, value) in msg.fields_mut() {
+            self.sanitize_value(value, depth, problems);
+        }
+    }
+
+    fn sanitize_value(&self, value: &mut Value, depth: usize, problems: &mut Vec<String>) {
+        match value {
+            Value::Message(m) if m.descriptor().full_name() == ANY => {
+                self.sanitize_any(m, depth, problems)
+            }
+            Value::Message(m) => self.sanitize(m, depth, problems),
+            Value::List(items) => {
+                for v in items {
+                    self.sanitize_value(v, depth, problems);
+                }
+            }
+            Value::Map(map) => {
+                for v in map.values_mut() {
+                    self.sanitize_value(v, depth, problems);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn sanitize_any(&self, any: &mut DynamicMessage, depth: usize, problems: &mut Vec<String>) {
+        let type_url = any
+            .get_field_by_number(1)
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let value = any
+            .get_field_by_number(2)
+            .and_then(|v| v.as_bytes().cloned())
+            .unwrap_or_default();
+        if type_url == RAW_ANY_TYPE_URL {
+            return;
+        }
+        let type_name = type_url.rsplit('/').next().unwrap_or_default();
+        let problem = if depth >= MAX_ANY_DEPTH {
+            format!("`Any` nested deeper than {MAX_ANY_DEPTH} levels left raw")
+        } else {
+            match DESCRIPTORS.get_message_by_name(type_name) {
+                None => format!("unknown type `{type_url}` left raw"),
+                Some(desc) => match DynamicMessage::decode(desc, value.as_ref()) {
+                    Ok(mut inner) => {
+                        let before = problems.len();
+                        self.sanitize(&mut inner, depth + 1, problems);
+                        if problems.len() != before {
+                            any.set_field_by_number(2, Value::Bytes(inner.encode_to_vec().into()));
+                        }
+                        return;
+                    }
+                    Err(e) => format!("`{type_url}` does not decode ({e}); left raw"),
+                },
+            }
+        };
+        let mut raw = DynamicMessage::new(self.raw_any.clone());
+        raw.set_field_by_number(1, Value::String(type_url));
+        raw.set_field_by_number(2, Value::Bytes(value));
+        raw.set_field_by_number(3, Value::String(problem.clone()));
+        any.set_field_by_number(1, Value::String(RAW_ANY_TYPE_URL.into()));
+        any.set_field_by_number(2, Value::Bytes(raw.encode_to_vec().into()));
+        problems.push(problem);
+    }
+
+    /// `{"typeUrl", "value" (base64), "error"}`: the payload of anything
+    /// that could not be decoded at all.
+    fn raw_any_json(&self, type_url: &str, value: &[u8], problem: &str) -> Box<RawValue> {
+        let mut raw = DynamicMessage::new(self.raw_any.clone());
+        raw.set_field_by_number(1, Value::String(type_url.into()));
+        raw.set_field_by_number(2, Value::Bytes(value.to_vec().into()));
+        raw.set_field_by_number(3, Value::String(problem.into()));
+        to_raw(&raw)
+    }
+}
+
+fn to_raw(msg: &DynamicMessage) -> Box<RawValue> {
+    let text = serde_json::to_string(msg).unwrap_or_else(|e| {
+        // Every Any was sanitized, so the encoder has nothing left to fail
+        // on; keep an explicit error object rather than panicking.
+        json!({ "error": format!("JSON encoding failed: {e}") }).to_string()
+    });
+    RawValue::from_string(text).expect("serde_json output is valid JSON")
+}
+
+/// The message's JSON with the parsed keywords added as `parsedKeywords`.
+fn with_keywords(msg: &DynamicMessage, keywords: Map<String, serde_json::Value>) -> Box<RawValue> {
+    if keywords.is_empty() {
+        return to_raw(msg);
+    }
+    let mut value = match serde_json::to_value(msg) {
+        Ok(v) => v,
+        Err(e) => json!({ "error": format!("JSON encoding failed: {e}") }),
+    };
+    if let Some(obj) = value.as_object_mut() {
+        obj.insert("parsedKeywords".into(), keywords.into());
+    }
+    RawValue::from_string(value.to_string()).expect("serde_json output is valid JSON")
+}
+
+/// Keywords such as `command_name=test` and
+/// `user_keyword=engflow:CiCdPipelineName=post-merge` as a structured
+/// object: `commandName`, `userKeywords` (a map) and `other` (a map).
+pub fn parse_keywords(keywords: &[String]) -> Map<String, serde_json::Value> {
+    let mut out = Map::new();
+    let mut user = Map::new();
+    let mut other = Map::new();
+    for kw in keywords {
+        match kw.split_once('=') {
+            Some(("command_name", v)) => {
+                out.insert("commandName".into(), v.into());
+            }
+            Some(("user_keyword", v)) => {
+                let (k, v) = v.split_once('=').unwrap_or((v, ""));
+                user.insert(k.into(), v.into());
+            }
+            Some((k, v)) => {
+                other.insert(k.into(), v.into());
+            }
+            None => {
+                other.insert(kw.clone(), "".into());
+            }
+        }
+    }
+    if !user.is_empty() {
+        out.insert("userKeywords".into(), user.into());
+    }
+    if !other.is_empty() {
+        out.insert("other".into(), other.into());
+    }
+    out
+}
+
+fn build_event_name(event: &pb::bes::build_event::Event) -> &'static str {
+    use pb::bes::build_event::Event as E;
+    match event {
+        E::InvocationAttemptStarted(_) => "invocation_attempt_started",
+        E::InvocationAttemptFinished(_) => "invocation_attempt_finished",
+        E::BuildEnqueued(_) => "build_enqueued",
+        E::BuildFinished(_) => "build_finished",
+        E::ConsoleOutput(_) => "console_output",
+        E::ComponentStreamFinished(_) => "component_stream_finished",
+        E::BazelEvent(_) => "bazel_event",
+        E::BuildExecutionEvent(_) => "build_execution_event",
+        E::SourceFetchEvent(_) => "source_fetch_event",
+        E::BuckEvent(_) => "buck_event",
+    }
+}
+
+fn instance_or_default(instance: &str) -> String {
+    if instance.is_empty() {
+        "default".into()
+    } else {
+        instance.into()
+    }
+}
+
+/// The envelope id of a notification: its UUID as 32 hex digits (the
+/// AccelByte form), or a v5 UUID of it when it is not a UUID.
+pub fn notification_envelope_id(notification_id: &str) -> String {
+    Uuid::parse_str(notification_id)
+        .unwrap_or_else(|_| Uuid::new_v5(&ID_NAMESPACE, notification_id.as_bytes()))
+        .simple()
+        .to_string()
+}
+
+/// The envelope id of the `seq`-th event of an invocation.
+pub fn build_event_id(invocation_id: &str, seq: u64) -> String {
+    Uuid::new_v5(&ID_NAMESPACE, format!("{invocation_id}/{seq}").as_bytes())
+        .simple()
+        .to_string()
+}
+
+fn now_rfc3339() -> String {
+    prost_types::Timestamp::from(std::time::SystemTime::now()).to_string()
+}

@@ -1,0 +1,81 @@
+//! Generated protobuf and gRPC code, nested by package so the generated
+//! cross-package paths resolve, plus short aliases and the descriptor pool
+//! that turns any of these messages into canonical JSON.
+
+#![allow(missing_docs, clippy::all, clippy::pedantic)]
+
+use std::sync::LazyLock;
+
+use prost_reflect::DescriptorPool;
+
+pub mod engflow {
+    pub mod notification {
+        pub mod v1 {
+            tonic::include_proto!("engflow.notification.v1");
+        }
+    }
+    pub mod eventstore {
+        pub mod v1 {
+            tonic::include_proto!("engflow.eventstore.v1");
+        }
+    }
+    pub mod auth {
+        tonic::include_proto!("engflow.auth");
+    }
+    pub mod iam {
+        pub mod v1 {
+            tonic::include_proto!("engflow.iam.v1");
+        }
+    }
+}
+
+pub mod google {
+    pub mod rpc {
+        tonic::include_proto!("google.rpc");
+    }
+    pub mod devtools {
+        pub mod build {
+            pub mod v1 {
+                tonic::include_proto!("google.devtools.build.v1");
+            }
+        }
+    }
+}
+
+pub mod com {
+    pub mod engflow {
+        pub mod notificationqueue {
+            pub mod demoserver {
+                tonic::include_proto!("com.engflow.notificationqueue.demoserver");
+            }
+        }
+    }
+}
+
+pub mod build_event_stream {
+    tonic::include_proto!("build_event_stream");
+}
+
+pub mod evbridge {
+    pub mod v1 {
+        tonic::include_proto!("evbridge.v1");
+    }
+}
+
+pub use build_event_stream as bep;
+pub use com::engflow::notificationqueue::demoserver as forward;
+pub use engflow::eventstore::v1 as es;
+pub use engflow::notification::v1 as nq;
+pub use google::devtools::build::v1 as bes;
+
+/// Type URL of the lifecycle payload inside a notification.
+pub const LIFECYCLE_TYPE_URL: &str =
+    "type.googleapis.com/engflow.eventstore.v1.BuildLifecycleEventNotification";
+/// Type URL of Bazel's events inside `BuildEvent.bazel_event`.
+pub const BAZEL_EVENT_TYPE_URL: &str = "type.googleapis.com/build_event_stream.BuildEvent";
+
+/// Every message of `proto/` and the well-known types, for reflection.
+pub static DESCRIPTORS: LazyLock<DescriptorPool> = LazyLock::new(|| {
+    DescriptorPool::decode(include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin")).as_ref())
+        .expect("descriptor set built by build.rs decodes")
+});

@@ -1,0 +1,272 @@
+//! Hands envelopes to every sink and tells the source when a notification
+//! may be acknowledged: only after every envelope derived from it was
+//! confirmed by every sink.
+//!
+//! One worker per sink takes envelopes in arrival order, in batches, and
+//! retries retryable failures with backoff from the first unconfirmed
+//! envelope on, so per-invocation order survives retries. A semaphore of
+//! `max_in_flight` permits bounds envelopes not yet confirmed everywhere:
+//! a slow sink stalls the pull instead of growing memory.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use evbridge_sinks::{Envelope, Sink};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::JoinHandle;
+
+use crate::retry::Backoff;
+
+/// Counters of the pipeline, for logs and tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Envelopes accepted into the pipeline.
+    pub submitted: AtomicU64,
+    /// Envelopes confirmed by every sink.
+    pub confirmed: AtomicU64,
+    /// Sink deliveries retried after a retryable error.
+    pub retries: AtomicU64,
+    /// Envelopes some sink rejected permanently.
+    pub rejected: AtomicU64,
+}
+
+/// Everything derived from one notification; completes when all of it was
+/// confirmed (or rejected) by every sink.
+#[derive(Debug)]
+pub struct Tracker {
+    /// Envelopes not yet done, plus one while more may be added.
+    remaining: AtomicUsize,
+    failures: Mutex<Vec<String>>,
+    done: Notify,
+}
+
+impl Tracker {
+    fn new() -> Arc<Self> {
+        Arc::new(Tracker {
+            remaining: AtomicUsize::new(1),
+            failures: Mutex::new(Vec::new()),
+            done: Notify::new(),
+        })
+    }
+
+    /// Records why this notification must not be acknowledged.
+    pub fn fail(&self, reason: String) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(reason);
+    }
+
+    fn one_done(&self) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.done.notify_one();
+        }
+    }
+
+    /// Declares that nothing more will be added and waits until every
+    /// envelope is done. `Ok` means: safe to acknowledge.
+    pub async fn finish(&self) -> Result<(), Vec<String>> {
+        self.one_done();
+        while self.remaining.load(Ordering::Acquire) != 0 {
+            self.done.notified().await;
+        }
+        let failures = std::mem::take(&mut *self.failures.lock().unwrap_or_else(|p| p.into_inner()));
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(failures)
+        }
+    }
+}
+
+/// One envelope's progress across the sinks; holds its in-flight permit.
+struct Ticket {
+    tracker: Arc<Tracker>,
+    sinks_left: AtomicUsize,
+    rejected: AtomicBool,
+    stats: Arc<Stats>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Ticket {
+    /// One sink is done with the envelope: confirmed, or rejected for good.
+    fn done(&self, rejection: Option<String>) {
+        if let Some(reason) = rejection {
+            self.rejected.store(true, Ordering::Release);
+            self.tracker.fail(reason);
+        }
+        if self.sinks_left.fetch_sub(1, Ordering::AcqRel) <= 1 {
+            let counter = if self.rejected.load(Ordering::Acquire) {
+                &self.stats.rejected
+            } else {
+                &self.stats.confirmed
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            self.tracker.one_done();
+        }
+    }
+}
+
+struct Item {
+    envelope: Arc<Envelope>,
+    ticket: Arc<Ticket>,
+}
+
+/// The fan-out to every sink.
+pub struct Pipeline {
+    senders: Vec<mpsc::UnboundedSender<Item>>,
+    permits: Arc<Semaphore>,
+    stats: Arc<Stats>,
+}
+
+/// A reserved place in the pipeline, taken before reading a notification
+/// so the pull waits when the pipeline is full.
+pub struct Slot(OwnedSemaphorePermit);
+
+impl Pipeline {
+    /// Starts one worker per sink; `max_in_flight` bounds envelopes not yet
+    /// confirmed everywhere, `max_batch` the envelopes per `send`.
+    pub fn start(
+        sinks: Vec<Arc<dyn Sink>>,
+        max_in_flight: usize,
+        max_batch: usize,
+    ) -> (Arc<Pipeline>, Vec<JoinHandle<()>>) {
+        let stats = Arc::new(Stats::default());
+        let mut senders = Vec::with_capacity(sinks.len());
+        let mut workers = Vec::with_capacity(sinks.len());
+        for sink in sinks {
+            let (tx, rx) = mpsc::unbounded_channel();
+            senders.push(tx);
+            workers.push(tokio::spawn(worker(sink, rx, max_batch.max(1), stats.clone())));
+        }
+        let pipeline = Pipeline {
+            senders,
+            permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            stats,
+        };
+        (Arc::new(pipeline), workers)
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Envelopes accepted but not yet confirmed everywhere.
+    pub fn in_flight(&self) -> u64 {
+        let s = &self.stats;
+        s.submitted.load(Ordering::Relaxed)
+            - s.confirmed.load(Ordering::Relaxed)
+            - s.rejected.load(Ordering::Relaxed)
+    }
+
+    /// A new tracker for one notification.
+    pub fn tracker(&self) -> Arc<Tracker> {
+        Tracker::new()
+    }
+
+    /// Waits for room for one more envelope.
+    pub async fn reserve(&self) -> Slot {
+        Slot(
+            self.permits
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed"),
+        )
+    }
+
+    /// Sends `envelope` to every sink, waiting for room first.
+    pub async fn submit(&self, tracker: &Arc<Tracker>, envelope: Envelope) {
+        let slot = self.reserve().await;
+        self.submit_in(slot, tracker, envelope);
+    }
+
+    /// Sends `envelope` to every sink in a slot already reserved.
+    pub fn submit_in(&self, slot: Slot, tracker: &Arc<Tracker>, envelope: Envelope) {
+        tracker.remaining.fetch_add(1, Ordering::AcqRel);
+        self.stats.submitted.fetch_add(1, Ordering::Relaxed);
+        let ticket = Arc::new(Ticket {
+            tracker: tracker.clone(),
+            sinks_left: AtomicUsize::new(self.senders.len()),
+            rejected: AtomicBool::new(false),
+            stats: self.stats.clone(),
+            _permit: slot.0,
+        });
+        if self.senders.is_empty() {
+            ticket.done(None);
+            return;
+        }
+        let envelope = Arc::new(envelope);
+        for tx in &self.senders {
+            let item = Item {
+                envelope: envelope.clone(),
+                ticket: ticket.clone(),
+            };
+            // A closed worker means shutdown; the envelope stays
+            // unconfirmed and its notification unacknowledged.
+            let _ = tx.send(item);
+        }
+    }
+}
+
+async fn worker(
+    sink: Arc<dyn Sink>,
+    mut rx: mpsc::UnboundedReceiver<Item>,
+    max_batch: usize,
+    stats: Arc<Stats>,
+) {
+    let mut items = Vec::with_capacity(max_batch);
+    let mut envelopes = Vec::with_capacity(max_batch);
+    let mut backoff = Backoff::default();
+    while rx.recv_many(&mut items, max_batch).await > 0 {
+        envelopes.extend(items.iter().map(|i| i.envelope.clone()));
+        let mut start = 0;
+        while start < items.len() {
+            match sink.send(&envelopes[start..]).await {
+                Ok(()) => {
+                    items[start..].iter().for_each(|i| i.ticket.done(None));
+                    start = items.len();
+                    backoff.reset();
+                }
+                Err(e) => {
+                    let at = (start + e.at).min(items.len());
+                    items[start..at].iter().for_each(|i| i.ticket.done(None));
+                    start = at;
+                    let Some(item) = items.get(start) else { break };
+                    if e.error.is_retryable() {
+                        stats.retries.fetch_add(1, Ordering::Relaxed);
+                        let delay = backoff.next_delay();
+                        tracing::warn!(
+                            sink = sink.describe(),
+                            envelope = %item.envelope.id,
+                            error = %e.error,
+                            "sink delivery failed; retrying in {delay:?}"
+                        );
+                        tokio::time::sleep(delay).await;
+                    } else {
+                        tracing::error!(
+                            sink = sink.describe(),
+                            envelope = %item.envelope.id,
+                            name = %item.envelope.name,
+                            error = %e.error,
+                            "sink rejected envelope permanently; its notification stays unacknowledged"
+                        );
+                        item.ticket.done(Some(format!(
+                            "{} rejected envelope {}: {}",
+                            sink.describe(),
+                            item.envelope.id,
+                            e.error
+                        )));
+                        start += 1;
+                    }
+                }
+            }
+        }
+        items.clear();
+        envelopes.clear();
+    }
+    if let Err(e) = sink.flush().await {
+        tracing::warn!(sink = sink.describe(), error = %e, "flush on shutdown failed");
+    }
+}

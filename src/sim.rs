@@ -1,0 +1,594 @@
+//! `evbridge sim`: an EngFlow-compatible cluster in a box. It serves
+//! `NotificationQueue.Pull` and `EventStore.GetInvocation`/`GetBuild` over
+//! real gRPC with the real semantics, checks tokens and client
+//! certificates when told to, injects faults on request and reports what
+//! it delivered and what was acknowledged.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::transport::{Server, ServerTlsConfig};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::pb::{es, nq};
+use crate::shutdown::Shutdown;
+use crate::sim_gen::{GenConfig, World, generate};
+use crate::sim_queue::{AckOutcome, Queue, QueueStats};
+
+/// How the simulated cluster behaves.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// What it holds.
+    pub gen_config: GenConfig,
+    /// The one queue it serves.
+    pub queue_name: String,
+    /// When set, every call must carry this token (jwt-v0).
+    pub token: Option<String>,
+    /// End each Pull stream with UNAVAILABLE after it received K
+    /// acknowledgements (its unacknowledged notifications come again).
+    pub drop_stream_every: usize,
+    /// End each GetInvocation stream with UNAVAILABLE after K events.
+    pub drop_event_stream_every: usize,
+    /// Cap on unacknowledged notifications per reader.
+    pub max_unacked_per_reader: usize,
+    /// Notifications released per second; 0 releases all at start.
+    pub rate: f64,
+    /// Overrides every reader's acknowledgement window (fault injection:
+    /// a short window makes slow acks late).
+    pub ack_window_override: Option<Duration>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            gen_config: GenConfig::default(),
+            queue_name: "eventstore/lifecycle-events".into(),
+            token: None,
+            drop_stream_every: 0,
+            drop_event_stream_every: 0,
+            max_unacked_per_reader: 1000,
+            rate: 0.0,
+            ack_window_override: None,
+        }
+    }
+}
+
+/// What the simulator did, for tests and the operator.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub struct Report {
+    /// Notifications in the queue (including bad ones).
+    pub notifications: usize,
+    /// Of which carry a deliberately undecodable payload.
+    pub bad_payloads: usize,
+    /// Builds generated.
+    pub builds: usize,
+    /// Invocations generated.
+    pub invocations: usize,
+    /// Build events stored over all invocations.
+    pub invocation_events: usize,
+    /// Queue counters.
+    #[serde(flatten)]
+    pub queue: QueueStats,
+    /// Pull streams opened.
+    pub streams_opened: u64,
+    /// Pull streams ended by `drop_stream_every`.
+    pub streams_dropped: u64,
+    /// GetInvocation/GetBuild calls.
+    pub event_calls: u64,
+    /// Events sent on those calls (repeats included).
+    pub events_served: u64,
+    /// Event streams ended by `drop_event_stream_every`.
+    pub event_streams_dropped: u64,
+    /// Calls refused for a missing or wrong token.
+    pub unauthenticated: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    streams_opened: AtomicU64,
+    streams_dropped: AtomicU64,
+    event_calls: AtomicU64,
+    events_served: AtomicU64,
+    event_streams_dropped: AtomicU64,
+    unauthenticated: AtomicU64,
+    next_stream: AtomicU64,
+}
+
+/// The simulated cluster's state, shared by its services.
+pub struct Sim {
+    cfg: SimConfig,
+    world: World,
+    queue: Queue,
+    counters: Counters,
+}
+
+impl Sim {
+    /// Generates the world and, unless a rate is set, releases it all.
+    pub fn new(cfg: SimConfig) -> Arc<Self> {
+        let world = generate(&cfg.gen_config);
+        let queue = Queue::new(world.notifications.clone());
+        if cfg.rate <= 0.0 {
+            queue.release(usize::MAX);
+        }
+        Arc::new(Sim {
+            cfg,
+            world,
+            queue,
+            counters: Counters::default(),
+        })
+    }
+
+    /// What the cluster holds.
+    pub fn world(&self) -> &World {
+        &self.world
+    }
+
+    /// Ids of the notifications acknowledged so far.
+    pub fn acked_ids(&self) -> Vec<String> {
+        self.queue.acked_ids()
+    }
+
+    /// True once every notification was acknowledged.
+    pub fn all_acked(&self) -> bool {
+        self.queue.all_acked()
+    }
+
+    /// Counters so far.
+    pub fn report(&self) -> Report {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Report {
+            notifications: self.world.notifications.len(),
+            bad_payloads: self.world.bad.len(),
+            builds: self.world.builds.len(),
+            invocations: self.world.invocations.len(),
+            invocation_events: self.world.invocation_events(),
+            queue: self.queue.stats(),
+            streams_opened: get(&c.streams_opened),
+            streams_dropped: get(&c.streams_dropped),
+            event_calls: get(&c.event_calls),
+            events_served: get(&c.events_served),
+            event_streams_dropped: get(&c.event_streams_dropped),
+            unauthenticated: get(&c.unauthenticated),
+        }
+    }
+
+    fn check_auth<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let Some(want) = &self.cfg.token else {
+            return Ok(());
+        };
+        let md = req.metadata();
+        let method = md.get("x-engflow-auth-method").and_then(|v| v.to_str().ok());
+        let token = md.get("x-engflow-auth-token").and_then(|v| v.to_str().ok());
+        if method == Some("jwt-v0") && token == Some(want.as_str()) {
+            Ok(())
+        } else {
+            self.counters.unauthenticated.fetch_add(1, Ordering::Relaxed);
+            Err(Status::unauthenticated(
+                "missing or invalid x-engflow-auth-token (method jwt-v0)",
+            ))
+        }
+    }
+
+    /// Releases notifications at the configured rate until all are out.
+    async fn release_loop(self: Arc<Self>, mut shutdown: Shutdown) {
+        if self.cfg.rate <= 0.0 {
+            return;
+        }
+        let start = tokio::time::Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait() => return,
+            }
+            let due = (start.elapsed().as_secs_f64() * self.cfg.rate) as usize;
+            let released = self.queue.stats().released;
+            if due > released && self.queue.release(due - released) >= self.queue.len() {
+                return;
+            }
+        }
+    }
+
+    /// Sweeps expired acknowledgement windows.
+    async fn expiry_loop(self: Arc<Self>, mut shutdown: Shutdown) {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.queue.expire(),
+                _ = shutdown.wait() => return,
+            }
+        }
+    }
+
+    /// How many of `inv`'s events are stored now, and whether that is all.
+    fn stored(&self, inv: usize) -> (usize, bool) {
+        let i = &self.world.invocations[inv];
+        let released = self.queue.stats().released;
+        if released > i.finished_at {
+            (i.events.len(), true)
+        } else if released > i.started_at {
+            (i.events.len() / 2, false)
+        } else {
+            (0, false)
+        }
+    }
+}
+
+/// Serves the simulator on `listener` until `shutdown` fires.
+pub async fn serve(
+    listener: TcpListener,
+    sim: Arc<Sim>,
+    tls: Option<ServerTlsConfig>,
+    shutdown: Shutdown,
+) -> Result<(), tonic::transport::Error> {
+    tokio::spawn(sim.clone().release_loop(shutdown.clone()));
+    tokio::spawn(sim.clone().expiry_loop(shutdown.clone()));
+    let svc = Service {
+        sim,
+        shutdown: shutdown.clone(),
+    };
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let mut stop = shutdown;
+    builder
+        .add_service(nq::notification_queue_server::NotificationQueueServer::new(
+            svc.clone(),
+        ))
+        .add_service(es::event_store_server::EventStoreServer::new(svc))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            stop.wait().await
+        })
+        .await
+}
+
+#[derive(Clone)]
+struct Service {
+    sim: Arc<Sim>,
+    shutdown: Shutdown,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// True for `((segment)/)*<uuid>` with lowercase segments, ≤ 128 chars.
+fn valid_client(client: &str) -> bool {
+    let mut parts: Vec<&str> = client.split('/').collect();
+    let Some(last) = parts.pop() else {
+        return false;
+    };
+    let segment_ok = |s: &str| {
+        s.starts_with(|c: char| c.is_ascii_lowercase())
+            && !s.ends_with('-')
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    };
+    client.len() <= 128
+        && uuid::Uuid::try_parse(last).is_ok_and(|u| u.hyphenated().to_string() == last)
+        && parts.into_iter().all(segment_ok)
+}
+
+#[tonic::async_trait]
+impl nq::notification_queue_server::NotificationQueue for Service {
+    type PullStream = BoxStream<nq::PullNotificationResponse>;
+
+    async fn pull(
+        &self,
+        req: Request<Streaming<nq::PullNotificationRequest>>,
+    ) -> Result<Response<Self::PullStream>, Status> {
+        self.sim.check_auth(&req)?;
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("stream ended before the first request"))?;
+        let queue = first
+            .queue
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("the first request must name a queue"))?;
+        if queue.name != self.sim.cfg.queue_name {
+            return Err(Status::not_found(format!("no such queue: {}", queue.name)));
+        }
+        if let Some(client) = &first.client
+            && !valid_client(client)
+        {
+            return Err(Status::invalid_argument(format!(
+                "client id `{client}` does not match ((segment)/)*<uuid>"
+            )));
+        }
+        if !first.acknowledgement_tokens.is_empty() {
+            return Err(Status::invalid_argument(
+                "acknowledgement tokens are not allowed on the first request",
+            ));
+        }
+        let mut window = Duration::from_secs(60);
+        if let Some(d) = first
+            .notification_delivery_options
+            .as_ref()
+            .and_then(|o| o.acknowledgement_deadline)
+        {
+            if !(30..=300).contains(&d.seconds) || d.nanos != 0 && d.seconds == 300 {
+                return Err(Status::invalid_argument(
+                    "acknowledgement_deadline must be between 30s and 300s",
+                ));
+            }
+            window = Duration::new(d.seconds as u64, d.nanos.max(0) as u32);
+        }
+        if let Some(w) = self.sim.cfg.ack_window_override {
+            window = w;
+        }
+
+        let c = &self.sim.counters;
+        c.streams_opened.fetch_add(1, Ordering::Relaxed);
+        let stream = c.next_stream.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = mpsc::channel(64);
+        let sim = self.sim.clone();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            pull_loop(&sim, stream, window, inbound, tx, shutdown).await;
+            sim.queue.stream_closed(stream);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+async fn pull_loop(
+    sim: &Sim,
+    stream: u64,
+    window: Duration,
+    mut inbound: Streaming<nq::PullNotificationRequest>,
+    tx: mpsc::Sender<Result<nq::PullNotificationResponse, Status>>,
+    mut shutdown: Shutdown,
+) {
+    let cap = sim.cfg.max_unacked_per_reader.max(1);
+    let mut acks_here = 0usize;
+    loop {
+        let notified = sim.queue.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        while let Some((token, n)) = sim.queue.take(stream, window, cap) {
+            let resp = nq::PullNotificationResponse {
+                notification: Some(nq::pull_notification_response::AcknowledgeableNotification {
+                    token,
+                    notification: Some((*n).clone()),
+                }),
+                acknowledgement_receipt: vec![],
+            };
+            if tx.send(Ok(resp)).await.is_err() {
+                return;
+            }
+        }
+        tokio::select! {
+            msg = inbound.message() => {
+                let req = match msg {
+                    Ok(Some(req)) => req,
+                    Ok(None) | Err(_) => return,
+                };
+                if req.queue.as_ref().is_some_and(|q| q.name != sim.cfg.queue_name) {
+                    let _ = tx.send(Err(Status::invalid_argument("the queue cannot change on a stream"))).await;
+                    return;
+                }
+                let mut receipts = Vec::with_capacity(req.acknowledgement_tokens.len());
+                for token in req.acknowledgement_tokens {
+                    let (code, message) = match sim.queue.ack(stream, &token) {
+                        AckOutcome::Ok => {
+                            acks_here += 1;
+                            (0, String::new())
+                        }
+                        AckOutcome::Late => (4, "acknowledgement deadline exceeded".to_string()),
+                        AckOutcome::Unknown => (3, "token not delivered on this stream".to_string()),
+                    };
+                    receipts.push(nq::pull_notification_response::AcknowledgementReceipt {
+                        token,
+                        status: Some(crate::pb::google::rpc::Status { code, message, details: vec![] }),
+                    });
+                }
+                if !receipts.is_empty() {
+                    let resp = nq::PullNotificationResponse { notification: None, acknowledgement_receipt: receipts };
+                    if tx.send(Ok(resp)).await.is_err() {
+                        return;
+                    }
+                }
+                let every = sim.cfg.drop_stream_every;
+                if every > 0 && acks_here >= every {
+                    sim.counters.streams_dropped.fetch_add(1, Ordering::Relaxed);
+                    let _ = tx.send(Err(Status::unavailable("simulated stream drop"))).await;
+                    return;
+                }
+            }
+            _ = &mut notified => {}
+            _ = shutdown.wait() => {
+                let _ = tx.send(Err(Status::unavailable("simulator shutting down"))).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Continuation token of event `event` of stream `owner` (opaque to clients).
+fn continuation(owner: &str, event: usize) -> String {
+    format!("ct.{owner}.{event}")
+}
+
+fn parse_continuation(owner: &str, token: Option<&str>) -> Result<usize, Status> {
+    let Some(token) = token.filter(|t| !t.is_empty()) else {
+        return Ok(0);
+    };
+    token
+        .strip_prefix("ct.")
+        .and_then(|t| t.rsplit_once('.'))
+        .filter(|(o, _)| *o == owner)
+        .and_then(|(_, e)| e.parse::<usize>().ok())
+        .map(|e| e + 1)
+        .ok_or_else(|| Status::invalid_argument("continuation token does not belong to this stream"))
+}
+
+impl Service {
+    /// Streams `events[from..]` as stored now (waiting for more while
+    /// `follow` and not complete).
+    fn stream_events(
+        &self,
+        owner: String,
+        mut from: usize,
+        stored: impl Fn(&Sim) -> (usize, bool) + Send + 'static,
+        events: impl Fn(&Sim) -> &[es::StreamedBuildEvent] + Send + 'static,
+        follow: bool,
+    ) -> BoxStream<es::StreamedBuildEvent> {
+        let sim = self.sim.clone();
+        let mut shutdown = self.shutdown.clone();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut sent_here = 0usize;
+            loop {
+                let notified = sim.queue.changed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let (upto, complete) = stored(&sim);
+                while from < upto {
+                    let every = sim.cfg.drop_event_stream_every;
+                    if every > 0 && sent_here >= every {
+                        sim.counters.event_streams_dropped.fetch_add(1, Ordering::Relaxed);
+                        let _ = tx.send(Err(Status::unavailable("simulated event stream drop"))).await;
+                        return;
+                    }
+                    let mut ev = events(&sim)[from].clone();
+                    ev.continuation_token = continuation(&owner, from);
+                    if tx.send(Ok(ev)).await.is_err() {
+                        return;
+                    }
+                    sim.counters.events_served.fetch_add(1, Ordering::Relaxed);
+                    sent_here += 1;
+                    from += 1;
+                }
+                if complete || !follow {
+                    return;
+                }
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = shutdown.wait() => {
+                        let _ = tx.send(Err(Status::unavailable("simulator shutting down"))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Box::pin(ReceiverStream::new(rx))
+    }
+}
+
+#[tonic::async_trait]
+impl es::event_store_server::EventStore for Service {
+    type GetInvocationStream = BoxStream<es::StreamedBuildEvent>;
+    type GetBuildStream = BoxStream<es::StreamedBuildEvent>;
+
+    async fn get_invocation(
+        &self,
+        req: Request<es::GetInvocationRequest>,
+    ) -> Result<Response<Self::GetInvocationStream>, Status> {
+        self.sim.check_auth(&req)?;
+        self.sim.counters.event_calls.fetch_add(1, Ordering::Relaxed);
+        let req = req.into_inner();
+        if req.invocation_id.is_empty() {
+            return Err(Status::invalid_argument("invocation_id is required"));
+        }
+        let found = self
+            .sim
+            .world
+            .invocations
+            .iter()
+            .position(|i| i.id == req.invocation_id)
+            .filter(|&i| self.sim.stored(i).0 > 0);
+        let Some(inv) = found else {
+            return Err(Status::not_found(format!(
+                "no invocation {}",
+                req.invocation_id
+            )));
+        };
+        let from = parse_continuation(&req.invocation_id, req.continuation_token.as_deref())?;
+        let follow = req.replay_mode
+            != es::replay_mode_options::ReplayMode::StopAfterLastKnown as i32;
+        Ok(Response::new(self.stream_events(
+            req.invocation_id,
+            from,
+            move |sim| sim.stored(inv),
+            move |sim| &sim.world.invocations[inv].events,
+            follow,
+        )))
+    }
+
+    async fn get_build(
+        &self,
+        req: Request<es::GetBuildRequest>,
+    ) -> Result<Response<Self::GetBuildStream>, Status> {
+        self.sim.check_auth(&req)?;
+        self.sim.counters.event_calls.fetch_add(1, Ordering::Relaxed);
+        let req = req.into_inner();
+        if req.build_id.is_empty() {
+            return Err(Status::invalid_argument("build_id is required"));
+        }
+        let Some(b) = self
+            .sim
+            .world
+            .builds
+            .iter()
+            .position(|b| b.id == req.build_id)
+            .filter(|&b| self.sim.queue.stats().released > self.sim.world.builds[b].started_at)
+        else {
+            return Err(Status::not_found(format!("no build {}", req.build_id)));
+        };
+        let from = parse_continuation(&req.build_id, req.continuation_token.as_deref())?;
+        Ok(Response::new(self.stream_events(
+            req.build_id,
+            from,
+            // Enqueued at once; the rest once the build finished.
+            move |sim| {
+                let build = &sim.world.builds[b];
+                if sim.queue.stats().released > build.finished_at {
+                    (build.events.len(), true)
+                } else {
+                    (1, false)
+                }
+            },
+            move |sim| &sim.world.builds[b].events,
+            false,
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_grammar() {
+        let u = "4f0c6a1e-2b7d-4c3e-9a8f-0123456789ab";
+        for ok in [u.to_string(), format!("evbridge/{u}"), format!("a-b/c1/{u}")] {
+            assert!(valid_client(&ok), "{ok}");
+        }
+        for bad in [
+            "evbridge".to_string(),
+            format!("Evbridge/{u}"),
+            format!("evbridge-/{u}"),
+            format!("1x/{u}"),
+            format!("evbridge/{}", u.to_uppercase()),
+            format!("{}/{u}", "a".repeat(120)),
+        ] {
+            assert!(!valid_client(&bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn continuation_tokens_resume_after_their_event() {
+        assert_eq!(parse_continuation("inv", None).unwrap(), 0);
+        assert_eq!(parse_continuation("inv", Some(&continuation("inv", 4))).unwrap(), 5);
+        assert!(parse_continuation("other", Some(&continuation("inv", 4))).is_err());
+        assert!(parse_continuation("inv", Some("garbage")).is_err());
+    }
+}

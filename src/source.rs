@@ -1,0 +1,564 @@
+//! The EngFlow source: Pull streams on the notification queue, build
+//! events from the event store, acknowledgements only after delivery.
+//!
+//! Each reader keeps one long-lived `Pull` stream open, reconnecting with
+//! backoff and jitter whenever it ends. Each notification is handled by a
+//! task of its own: its lifecycle envelope, and for `invocation_finished`
+//! the invocation's events (resumed from the last continuation token after
+//! a transient error), all go into the pipeline; the notification's token
+//! is acknowledged on the stream that delivered it once the pipeline
+//! confirmed everything. Tokens of a broken stream are dropped: the server
+//! delivers those notifications again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::InterceptedService;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Code, Status};
+use tracing::{debug, error, info, warn};
+
+use crate::normalize::{Invocation, Normalizer};
+use crate::pb::{es, nq};
+use crate::pipeline::{Pipeline, Slot, Tracker};
+use crate::retry::Backoff;
+use crate::shutdown::Shutdown;
+
+/// Where and how to reach the cluster.
+#[derive(Clone)]
+pub struct SourceConfig {
+    /// `grpc://host[:port]` or `grpcs://host[:port]`.
+    pub endpoint: String,
+    /// Queue to pull, e.g. `eventstore/lifecycle-events`.
+    pub queue: String,
+    /// Sent as `x-engflow-auth-token` on every call.
+    pub token: Option<String>,
+    /// PEM of a private CA to trust instead of the system roots.
+    pub tls_ca: Option<Vec<u8>>,
+    /// PEM client certificate and key for mTLS.
+    pub tls_identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// Acknowledgement window asked of the server (30–300 s).
+    pub ack_deadline: Duration,
+    /// Concurrent Pull streams sharing the queue.
+    pub readers: usize,
+    /// Replay mode of GetInvocation.
+    pub replay: es::replay_mode_options::ReplayMode,
+    /// How long shutdown waits for in-flight notifications.
+    pub shutdown_grace: Duration,
+    /// Most acknowledgement tokens per request.
+    pub ack_batch: usize,
+}
+
+impl std::fmt::Debug for SourceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceConfig")
+            .field("endpoint", &self.endpoint)
+            .field("queue", &self.queue)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("tls_ca", &self.tls_ca.is_some())
+            .field("tls_identity", &self.tls_identity.is_some())
+            .field("ack_deadline", &self.ack_deadline)
+            .field("readers", &self.readers)
+            .finish()
+    }
+}
+
+impl SourceConfig {
+    /// Defaults for everything but the endpoint.
+    pub fn new(endpoint: impl Into<String>) -> Self {
+        SourceConfig {
+            endpoint: endpoint.into(),
+            queue: "eventstore/lifecycle-events".into(),
+            token: None,
+            tls_ca: None,
+            tls_identity: None,
+            ack_deadline: Duration::from_secs(60),
+            readers: 1,
+            replay: es::replay_mode_options::ReplayMode::StopAfterLastKnown,
+            shutdown_grace: Duration::from_secs(10),
+            ack_batch: 1000,
+        }
+    }
+}
+
+/// Why the source stopped for good.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The configuration cannot work (bad URL, unreadable TLS material).
+    #[error("{0}")]
+    Config(String),
+    /// The cluster refused us in a way retrying cannot fix.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// Adds the EngFlow auth headers to every call.
+#[derive(Clone)]
+pub struct Auth(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            let md = req.metadata_mut();
+            md.insert("x-engflow-auth-method", MetadataValue::from_static("jwt-v0"));
+            md.insert("x-engflow-auth-token", token.clone());
+        }
+        Ok(req)
+    }
+}
+
+type QueueClient = nq::notification_queue_client::NotificationQueueClient<InterceptedService<Channel, Auth>>;
+type StoreClient = es::event_store_client::EventStoreClient<InterceptedService<Channel, Auth>>;
+
+/// Builds the gRPC channel (lazy: connection errors surface on calls and
+/// are retried there) and the auth interceptor.
+pub fn connect(cfg: &SourceConfig) -> Result<(Channel, Auth), SourceError> {
+    let url = url::Url::parse(&cfg.endpoint).map_err(|e| {
+        SourceError::Config(format!(
+            "source `{}` is not a URL ({e}); accepted forms: grpc://HOST[:PORT], grpcs://HOST[:PORT]",
+            evbridge_sinks::redact(&cfg.endpoint)
+        ))
+    })?;
+    let tls = match url.scheme() {
+        "grpc" => false,
+        "grpcs" => true,
+        other => {
+            return Err(SourceError::Config(format!(
+                "source scheme `{other}` is not supported; accepted forms: grpc://HOST[:PORT], grpcs://HOST[:PORT]"
+            )));
+        }
+    };
+    let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| {
+        SourceError::Config(format!(
+            "source `{}` has no host; accepted forms: grpc://HOST[:PORT], grpcs://HOST[:PORT]",
+            evbridge_sinks::redact(&cfg.endpoint)
+        ))
+    })?;
+    if !matches!(url.path(), "" | "/") || url.query().is_some() {
+        return Err(SourceError::Config(format!(
+            "source `{}` must not have a path or query; the queue is set with --queue",
+            evbridge_sinks::redact(&cfg.endpoint)
+        )));
+    }
+    let port = url.port().unwrap_or(if tls { 443 } else { 80 });
+    let uri = format!("{}://{host}:{port}", if tls { "https" } else { "http" });
+    let mut endpoint = Endpoint::from_shared(uri)
+        .map_err(|e| SourceError::Config(format!("source endpoint: {e}")))?
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true);
+    if tls {
+        let mut tls_cfg = ClientTlsConfig::new().domain_name(host.trim_matches(['[', ']']));
+        tls_cfg = match &cfg.tls_ca {
+            Some(ca) => tls_cfg.ca_certificate(Certificate::from_pem(ca)),
+            None => tls_cfg.with_native_roots(),
+        };
+        if let Some((cert, key)) = &cfg.tls_identity {
+            tls_cfg = tls_cfg.identity(Identity::from_pem(cert, key));
+        }
+        endpoint = endpoint
+            .tls_config(tls_cfg)
+            .map_err(|e| SourceError::Config(format!("TLS configuration: {e}")))?;
+    } else if cfg.tls_identity.is_some() || cfg.tls_ca.is_some() {
+        return Err(SourceError::Config(
+            "TLS options need a grpcs:// source".into(),
+        ));
+    }
+    let auth = match &cfg.token {
+        None => Auth(None),
+        Some(t) => {
+            let mut v: MetadataValue<Ascii> = t.trim().parse().map_err(|_| {
+                SourceError::Config("the token contains characters not allowed in a header".into())
+            })?;
+            v.set_sensitive(true);
+            Auth(Some(v))
+        }
+    };
+    Ok((endpoint.connect_lazy(), auth))
+}
+
+/// Counters of the source.
+#[derive(Debug, Default)]
+pub struct SourceStats {
+    /// Notifications received (repeats included).
+    pub received: AtomicU64,
+    /// Acknowledgement tokens sent.
+    pub acks_sent: AtomicU64,
+    /// Receipts with a non-OK status.
+    pub receipts_failed: AtomicU64,
+    /// Pull streams opened.
+    pub streams: AtomicU64,
+    /// Build events received from the event store.
+    pub events: AtomicU64,
+}
+
+/// Shared state of every reader and notification task.
+pub struct Source {
+    cfg: SourceConfig,
+    queue: QueueClient,
+    store: StoreClient,
+    normalizer: Normalizer,
+    pipeline: Arc<Pipeline>,
+    stats: SourceStats,
+}
+
+/// Codes that mean "this configuration will never work" at start.
+fn is_fatal(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unauthenticated | Code::PermissionDenied | Code::NotFound | Code::InvalidArgument
+    )
+}
+
+/// Codes after which retrying the same event-store call may help.
+fn is_transient(code: Code) -> bool {
+    !matches!(
+        code,
+        Code::NotFound
+            | Code::InvalidArgument
+            | Code::FailedPrecondition
+            | Code::Unimplemented
+            | Code::OutOfRange
+    )
+}
+
+impl Source {
+    /// A source over an established channel.
+    pub fn new(
+        cfg: SourceConfig,
+        channel: Channel,
+        auth: Auth,
+        normalizer: Normalizer,
+        pipeline: Arc<Pipeline>,
+    ) -> Arc<Self> {
+        let max = 64 * 1024 * 1024;
+        Arc::new(Source {
+            queue: nq::notification_queue_client::NotificationQueueClient::with_interceptor(channel.clone(), auth.clone())
+                .max_decoding_message_size(max),
+            store: es::event_store_client::EventStoreClient::with_interceptor(channel, auth)
+                .max_decoding_message_size(max),
+            cfg,
+            normalizer,
+            pipeline,
+            stats: SourceStats::default(),
+        })
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &SourceStats {
+        &self.stats
+    }
+
+    /// Runs every reader until shutdown (after draining) or a fatal error.
+    pub async fn run(self: &Arc<Self>, shutdown: Shutdown) -> Result<(), SourceError> {
+        let mut readers = JoinSet::new();
+        for _ in 0..self.cfg.readers.max(1) {
+            readers.spawn(self.clone().reader(shutdown.clone()));
+        }
+        let mut result = Ok(());
+        while let Some(done) = readers.join_next().await {
+            match done {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    // One reader's fatal error is everyone's: same config.
+                    readers.abort_all();
+                    result = Err(e);
+                }
+                Err(e) if e.is_cancelled() => {}
+                Err(e) => result = Err(SourceError::Fatal(format!("reader task failed: {e}"))),
+            }
+        }
+        result
+    }
+
+    async fn reader(self: Arc<Self>, mut shutdown: Shutdown) -> Result<(), SourceError> {
+        let client_id = format!("evbridge/{}", uuid::Uuid::new_v4());
+        let mut backoff = Backoff::default();
+        let mut ever_connected = false;
+        loop {
+            if shutdown.is_shutdown() {
+                return Ok(());
+            }
+            let (req_tx, req_rx) = mpsc::channel(16);
+            let first = nq::PullNotificationRequest {
+                queue: Some(nq::QueueId {
+                    name: self.cfg.queue.clone(),
+                }),
+                client: Some(client_id.clone()),
+                notification_delivery_options: Some(nq::NotificationDeliveryOptions {
+                    acknowledgement_deadline: Some(prost_types::Duration {
+                        seconds: self.cfg.ack_deadline.as_secs() as i64,
+                        nanos: 0,
+                    }),
+                }),
+                acknowledgement_tokens: vec![],
+            };
+            req_tx.send(first).await.expect("receiver alive");
+            let mut client = self.queue.clone();
+            let opened = tokio::select! {
+                r = client.pull(ReceiverStream::new(req_rx)) => r,
+                _ = shutdown.wait() => return Ok(()),
+            };
+            let inbound = match opened {
+                Ok(r) => r.into_inner(),
+                Err(status) => {
+                    if is_fatal(status.code()) && !ever_connected {
+                        return Err(SourceError::Fatal(format!(
+                            "the notification queue refused the stream: {:?}: {} (queue `{}`, source {})",
+                            status.code(),
+                            status.message(),
+                            self.cfg.queue,
+                            evbridge_sinks::redact(&self.cfg.endpoint),
+                        )));
+                    }
+                    let delay = backoff.next_delay();
+                    warn!(code = ?status.code(), error = status.message(), "opening Pull stream failed; retrying in {delay:?}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => continue,
+                        _ = shutdown.wait() => return Ok(()),
+                    }
+                }
+            };
+            ever_connected = true;
+            self.stats.streams.fetch_add(1, Ordering::Relaxed);
+            debug!(client = %client_id, "Pull stream open");
+            let ended = self.session(inbound, req_tx, shutdown.clone()).await;
+            match ended {
+                SessionEnd::Shutdown => return Ok(()),
+                SessionEnd::Healthy(reason) => {
+                    backoff.reset();
+                    info!("Pull stream ended ({reason}); reconnecting");
+                }
+                SessionEnd::Broken(reason) => {
+                    let delay = backoff.next_delay();
+                    warn!("Pull stream broke ({reason}); reconnecting in {delay:?}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.wait() => return Ok(()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Serves one Pull stream until it ends or shutdown has drained it.
+    async fn session(
+        self: &Arc<Self>,
+        mut inbound: tonic::Streaming<nq::PullNotificationResponse>,
+        req_tx: mpsc::Sender<nq::PullNotificationRequest>,
+        mut shutdown: Shutdown,
+    ) -> SessionEnd {
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<String>();
+        let mut tasks = JoinSet::new();
+        // Token → notification id, to name notifications in receipt logs.
+        let mut pending: HashMap<String, String> = HashMap::new();
+        let mut slot: Option<Slot> = None;
+        let mut drain_until: Option<tokio::time::Instant> = None;
+        let mut delivered_any = false;
+        let mut tokens = Vec::new();
+
+        let end = loop {
+            if drain_until.is_some() && tasks.is_empty() && ack_rx.is_empty() {
+                break SessionEnd::Shutdown;
+            }
+            tokio::select! {
+                biased;
+                n = ack_rx.recv_many(&mut tokens, self.cfg.ack_batch) => {
+                    debug_assert!(n > 0, "the session holds a sender");
+                    let req = nq::PullNotificationRequest {
+                        acknowledgement_tokens: std::mem::take(&mut tokens),
+                        ..Default::default()
+                    };
+                    self.stats.acks_sent.fetch_add(n as u64, Ordering::Relaxed);
+                    if req_tx.send(req).await.is_err() {
+                        break SessionEnd::Broken("request stream closed".into());
+                    }
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                s = self.pipeline.reserve(), if slot.is_none() && drain_until.is_none() => slot = Some(s),
+                msg = inbound.message(), if slot.is_some() && drain_until.is_none() => match msg {
+                    Ok(Some(resp)) => {
+                        for r in resp.acknowledgement_receipt {
+                            let id = pending.remove(&r.token).unwrap_or_else(|| "?".into());
+                            let status = r.status.unwrap_or_default();
+                            if status.code != 0 {
+                                self.stats.receipts_failed.fetch_add(1, Ordering::Relaxed);
+                                warn!(notification = %id, code = ?Code::from(status.code), error = %status.message,
+                                    "acknowledgement not accepted; the notification will come again");
+                            }
+                        }
+                        if let Some(an) = resp.notification {
+                            let Some(n) = an.notification else {
+                                warn!("a delivery without a notification; ignored");
+                                continue;
+                            };
+                            delivered_any = true;
+                            self.stats.received.fetch_add(1, Ordering::Relaxed);
+                            pending.insert(an.token.clone(), n.id.clone());
+                            let slot = slot.take().expect("guarded");
+                            tasks.spawn(self.clone().handle(n, an.token, slot, ack_tx.clone(), shutdown.clone()));
+                        }
+                    }
+                    // A stream that ended after doing work is normal server
+                    // behaviour; one that ends at once should not spin.
+                    Ok(None) if delivered_any => break SessionEnd::Healthy("server ended the stream".into()),
+                    Ok(None) => break SessionEnd::Broken("server ended the stream at once".into()),
+                    Err(status) => break SessionEnd::Broken(format!("{:?}: {}", status.code(), status.message())),
+                },
+                _ = shutdown.wait(), if drain_until.is_none() => {
+                    let grace = self.cfg.shutdown_grace;
+                    info!(in_flight = tasks.len(), "shutting down: no new notifications; draining for up to {grace:?}");
+                    drain_until = Some(tokio::time::Instant::now() + grace);
+                }
+                _ = tokio::time::sleep_until(drain_until.unwrap_or_else(tokio::time::Instant::now)), if drain_until.is_some() => {
+                    warn!(abandoned = tasks.len(), "shutdown grace elapsed; unacknowledged notifications will be redelivered");
+                    break SessionEnd::Shutdown;
+                }
+            }
+        };
+        if matches!(end, SessionEnd::Shutdown) {
+            tasks.abort_all();
+            // Half-close our side and wait (briefly) for the server to end
+            // the stream, so the acknowledgements sent last are processed
+            // rather than cancelled with the call.
+            drop(req_tx);
+            let closing = async {
+                while let Ok(Some(resp)) = inbound.message().await {
+                    for r in resp.acknowledgement_receipt {
+                        if r.status.is_some_and(|s| s.code != 0) {
+                            self.stats.receipts_failed.fetch_add(1, Ordering::Relaxed);
+                            let id = pending.get(&r.token).map_or("?", String::as_str);
+                            warn!(notification = %id, "acknowledgement not accepted at shutdown; it will come again");
+                        }
+                    }
+                }
+            };
+            if tokio::time::timeout(Duration::from_secs(5), closing).await.is_err() {
+                warn!("the server did not end the Pull stream within 5s of our half-close");
+            }
+        } else {
+            // Tasks of a broken stream finish delivering; their tokens are
+            // worthless now and the server delivers those notifications
+            // again.
+            tasks.detach_all();
+        }
+        end
+    }
+
+    /// One notification: deliver everything derived from it, then ack.
+    async fn handle(
+        self: Arc<Self>,
+        n: nq::Notification,
+        token: String,
+        slot: Slot,
+        ack: mpsc::UnboundedSender<String>,
+        shutdown: Shutdown,
+    ) {
+        let tracker = self.pipeline.tracker();
+        let life = self.normalizer.lifecycle(&n);
+        for problem in &life.problems {
+            warn!(notification = %n.id, "{problem}; delivered raw");
+        }
+        self.pipeline.submit_in(slot, &tracker, life.envelope);
+        if let Some(inv) = life.fetch
+            && let Err(reason) = self.fetch_invocation(&inv, &tracker, shutdown).await
+        {
+            tracker.fail(reason);
+        }
+        match tracker.finish().await {
+            Ok(()) => {
+                // The stream may be gone: then the token is worthless anyway.
+                let _ = ack.send(token);
+            }
+            Err(reasons) => error!(
+                notification = %n.id,
+                "not acknowledged (it will be redelivered): {}",
+                reasons.join("; ")
+            ),
+        }
+    }
+
+    /// Streams an invocation's events into the pipeline in order, resuming
+    /// after the last continuation token on transient errors.
+    async fn fetch_invocation(
+        &self,
+        inv: &Invocation,
+        tracker: &Arc<Tracker>,
+        mut shutdown: Shutdown,
+    ) -> Result<(), String> {
+        let mut continuation: Option<String> = None;
+        let mut seq: u64 = 0;
+        let mut backoff = Backoff::default();
+        let follow = self.cfg.replay == es::replay_mode_options::ReplayMode::UntilComplete;
+        loop {
+            let req = es::GetInvocationRequest {
+                instance_name: inv.instance.clone(),
+                invocation_id: inv.invocation_id.clone(),
+                continuation_token: continuation.clone(),
+                replay_mode: self.cfg.replay as i32,
+            };
+            let mut store = self.store.clone();
+            let failure = match store.get_invocation(req).await {
+                Err(status) => status,
+                Ok(resp) => {
+                    let mut stream = resp.into_inner();
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(ev)) => {
+                                if ev.event.is_some() {
+                                    self.stats.events.fetch_add(1, Ordering::Relaxed);
+                                    let out = self.normalizer.build_event(inv, seq, &ev);
+                                    for problem in &out.problems {
+                                        warn!(notification = %inv.notification_id, invocation = %inv.invocation_id, sequence = seq,
+                                            "{problem}; delivered raw");
+                                    }
+                                    self.pipeline.submit(tracker, out.envelope).await;
+                                    seq += 1;
+                                }
+                                if !ev.continuation_token.is_empty() {
+                                    continuation = Some(ev.continuation_token);
+                                }
+                                if ev.is_last {
+                                    return Ok(());
+                                }
+                                backoff.reset();
+                            }
+                            Ok(None) if !follow => return Ok(()),
+                            Ok(None) => break Status::unavailable("event stream ended before its last event"),
+                            Err(status) => break status,
+                        }
+                    }
+                }
+            };
+            if !is_transient(failure.code()) {
+                return Err(format!(
+                    "GetInvocation {} failed: {:?}: {}",
+                    inv.invocation_id,
+                    failure.code(),
+                    failure.message()
+                ));
+            }
+            let delay = backoff.next_delay();
+            warn!(notification = %inv.notification_id, invocation = %inv.invocation_id, code = ?failure.code(),
+                error = failure.message(), after = seq, "event stream interrupted; resuming in {delay:?}");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.wait() => return Err("shutdown while fetching events".into()),
+            }
+        }
+    }
+}
+
+enum SessionEnd {
+    Shutdown,
+    /// Ended cleanly by the server: reconnect at once.
+    Healthy(String),
+    /// Broke with an error: reconnect after backoff.
+    Broken(String),
+}
