@@ -89,7 +89,10 @@ pub async fn run(
     drop(source);
     drop(pipeline);
     let all = futures_join(workers);
-    if tokio::time::timeout(Duration::from_secs(5), all).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), all)
+        .await
+        .is_err()
+    {
         warn!("sinks did not finish within 5s of shutdown");
     }
     result.map(|()| summary)

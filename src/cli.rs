@@ -80,7 +80,12 @@ struct BridgeArgs {
     #[arg(long, alias = "notification_queue_endpoint", value_name = "URL")]
     source: Option<String>,
     /// Notification queue to pull.
-    #[arg(long, alias = "queue_name", value_name = "NAME", default_value = "eventstore/lifecycle-events")]
+    #[arg(
+        long,
+        alias = "queue_name",
+        value_name = "NAME",
+        default_value = "eventstore/lifecycle-events"
+    )]
     queue: String,
     /// Sink URL; repeat for several (default stdout://).
     #[arg(long = "sink", value_name = "URL")]
@@ -90,13 +95,23 @@ struct BridgeArgs {
     forward: Vec<String>,
     /// Auth token (prefer EVBRIDGE_TOKEN or --token-file: command lines are
     /// visible to other local users).
-    #[arg(long, env = "EVBRIDGE_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    #[arg(
+        long,
+        env = "EVBRIDGE_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
     token: Option<String>,
     /// File holding the auth token.
     #[arg(long, value_name = "PATH", conflicts_with = "token")]
     token_file: Option<PathBuf>,
     /// Client certificate (PEM) for mTLS.
-    #[arg(long, alias = "tls_certificate", value_name = "PATH", requires = "tls_key")]
+    #[arg(
+        long,
+        alias = "tls_certificate",
+        value_name = "PATH",
+        requires = "tls_key"
+    )]
     tls_cert: Option<PathBuf>,
     /// Client private key (PEM) for mTLS.
     #[arg(long, alias = "tls_key", value_name = "PATH", requires = "tls_cert")]
@@ -142,7 +157,12 @@ struct SimArgs {
     #[arg(long, value_name = "PER_SECOND", default_value_t = 0.0)]
     rate: f64,
     /// Require this token on every call (else UNAUTHENTICATED).
-    #[arg(long, env = "EVBRIDGE_SIM_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    #[arg(
+        long,
+        env = "EVBRIDGE_SIM_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
     token: Option<String>,
     /// Serve TLS with this certificate (PEM)…
     #[arg(long, value_name = "PATH", requires = "tls_key")]
@@ -189,7 +209,11 @@ struct WorldArgs {
     #[arg(long, value_name = "NAME", default_value = "default")]
     instance: String,
     /// Queue name served.
-    #[arg(long, value_name = "NAME", default_value = "eventstore/lifecycle-events")]
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "eventstore/lifecycle-events"
+    )]
     queue: String,
     /// After every K notifications add one whose payload does not decode.
     #[arg(long, value_name = "K", default_value_t = 0)]
@@ -278,7 +302,10 @@ fn bridge_config(args: &BridgeArgs, source: String) -> Result<BridgeConfig, Fail
         (None, Some(path)) => {
             let raw = read_file("--token-file", path)?;
             let text = String::from_utf8(raw).map_err(|_| {
-                Failure::usage(format!("--token-file `{}` is not UTF-8 text", path.display()))
+                Failure::usage(format!(
+                    "--token-file `{}` is not UTF-8 text",
+                    path.display()
+                ))
             })?;
             Some(text.trim().to_string())
         }
@@ -297,7 +324,9 @@ fn bridge_config(args: &BridgeArgs, source: String) -> Result<BridgeConfig, Fail
         .map(|p| read_file("--tls-ca", p))
         .transpose()?;
     if !(args.shutdown_timeout.is_finite() && args.shutdown_timeout >= 0.0) {
-        return Err(Failure::usage("--shutdown-timeout must be a number of seconds ≥ 0"));
+        return Err(Failure::usage(
+            "--shutdown-timeout must be a number of seconds ≥ 0",
+        ));
     }
     let mut source = SourceConfig::new(source);
     source.queue = args.queue.clone();
@@ -405,7 +434,9 @@ async fn run_sim(args: SimArgs) -> Result<(), Failure> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| Failure::usage(format!("cannot listen on {}: {e}", args.listen)))?;
-    let addr = listener.local_addr().map_err(|e| Failure::usage(e.to_string()))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Failure::usage(e.to_string()))?;
     let sim = Sim::new(cfg);
     let scheme = if tls.is_some() { "grpcs" } else { "grpc" };
     println!("evbridge sim listening on {scheme}://{addr}");
@@ -438,7 +469,12 @@ async fn run_sim(args: SimArgs) -> Result<(), Failure> {
     }
     trigger.fire();
     match tokio::time::timeout(Duration::from_secs(5), server).await {
-        Ok(Ok(Err(e))) => return Err(Failure { code: 1, message: format!("simulator failed: {e}") }),
+        Ok(Ok(Err(e))) => {
+            return Err(Failure {
+                code: 1,
+                message: format!("simulator failed: {e}"),
+            });
+        }
         Ok(_) | Err(_) => {}
     }
     write_report(&sim, report_path.as_deref());
@@ -451,7 +487,9 @@ async fn run_demo(args: DemoArgs) -> Result<(), Failure> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| Failure::usage(format!("cannot listen on 127.0.0.1:0: {e}")))?;
-    let addr = listener.local_addr().map_err(|e| Failure::usage(e.to_string()))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Failure::usage(e.to_string()))?;
     let sim = Sim::new(cfg);
     eprintln!(
         "evbridge demo: simulated EngFlow cluster on grpc://{addr} with {} notifications and {} build events; bridging to {}",

@@ -219,7 +219,12 @@ impl Normalizer {
     }
 
     /// The envelope of the `seq`-th event (0-based) streamed for `inv`.
-    pub fn build_event(&self, inv: &Invocation, seq: u64, ev: &es::StreamedBuildEvent) -> BuildEvent {
+    pub fn build_event(
+        &self,
+        inv: &Invocation,
+        seq: u64,
+        ev: &es::StreamedBuildEvent,
+    ) -> BuildEvent {
         let progress = ev.event.as_ref();
         let build_event = progress.and_then(|p| p.build_event.as_ref());
         let name = build_event

@@ -70,7 +70,8 @@ impl Tracker {
         while self.remaining.load(Ordering::Acquire) != 0 {
             self.done.notified().await;
         }
-        let failures = std::mem::take(&mut *self.failures.lock().unwrap_or_else(|p| p.into_inner()));
+        let failures =
+            std::mem::take(&mut *self.failures.lock().unwrap_or_else(|p| p.into_inner()));
         if failures.is_empty() {
             Ok(())
         } else {
@@ -137,7 +138,12 @@ impl Pipeline {
         for sink in sinks {
             let (tx, rx) = mpsc::unbounded_channel();
             senders.push(tx);
-            workers.push(tokio::spawn(worker(sink, rx, max_batch.max(1), stats.clone())));
+            workers.push(tokio::spawn(worker(
+                sink,
+                rx,
+                max_batch.max(1),
+                stats.clone(),
+            )));
         }
         let pipeline = Pipeline {
             senders,

@@ -164,12 +164,16 @@ impl Sim {
             return Ok(());
         };
         let md = req.metadata();
-        let method = md.get("x-engflow-auth-method").and_then(|v| v.to_str().ok());
+        let method = md
+            .get("x-engflow-auth-method")
+            .and_then(|v| v.to_str().ok());
         let token = md.get("x-engflow-auth-token").and_then(|v| v.to_str().ok());
         if method == Some("jwt-v0") && token == Some(want.as_str()) {
             Ok(())
         } else {
-            self.counters.unauthenticated.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .unauthenticated
+                .fetch_add(1, Ordering::Relaxed);
             Err(Status::unauthenticated(
                 "missing or invalid x-engflow-auth-token (method jwt-v0)",
             ))
@@ -355,10 +359,12 @@ async fn pull_loop(
         notified.as_mut().enable();
         while let Some((token, n)) = sim.queue.take(stream, window, cap) {
             let resp = nq::PullNotificationResponse {
-                notification: Some(nq::pull_notification_response::AcknowledgeableNotification {
-                    token,
-                    notification: Some((*n).clone()),
-                }),
+                notification: Some(
+                    nq::pull_notification_response::AcknowledgeableNotification {
+                        token,
+                        notification: Some((*n).clone()),
+                    },
+                ),
                 acknowledgement_receipt: vec![],
             };
             if tx.send(Ok(resp)).await.is_err() {
@@ -427,7 +433,9 @@ fn parse_continuation(owner: &str, token: Option<&str>) -> Result<usize, Status>
         .filter(|(o, _)| *o == owner)
         .and_then(|(_, e)| e.parse::<usize>().ok())
         .map(|e| e + 1)
-        .ok_or_else(|| Status::invalid_argument("continuation token does not belong to this stream"))
+        .ok_or_else(|| {
+            Status::invalid_argument("continuation token does not belong to this stream")
+        })
 }
 
 impl Service {
@@ -454,8 +462,12 @@ impl Service {
                 while from < upto {
                     let every = sim.cfg.drop_event_stream_every;
                     if every > 0 && sent_here >= every {
-                        sim.counters.event_streams_dropped.fetch_add(1, Ordering::Relaxed);
-                        let _ = tx.send(Err(Status::unavailable("simulated event stream drop"))).await;
+                        sim.counters
+                            .event_streams_dropped
+                            .fetch_add(1, Ordering::Relaxed);
+                        let _ = tx
+                            .send(Err(Status::unavailable("simulated event stream drop")))
+                            .await;
                         return;
                     }
                     let mut ev = events(&sim)[from].clone();
@@ -493,7 +505,10 @@ impl es::event_store_server::EventStore for Service {
         req: Request<es::GetInvocationRequest>,
     ) -> Result<Response<Self::GetInvocationStream>, Status> {
         self.sim.check_auth(&req)?;
-        self.sim.counters.event_calls.fetch_add(1, Ordering::Relaxed);
+        self.sim
+            .counters
+            .event_calls
+            .fetch_add(1, Ordering::Relaxed);
         let req = req.into_inner();
         if req.invocation_id.is_empty() {
             return Err(Status::invalid_argument("invocation_id is required"));
@@ -512,8 +527,8 @@ impl es::event_store_server::EventStore for Service {
             )));
         };
         let from = parse_continuation(&req.invocation_id, req.continuation_token.as_deref())?;
-        let follow = req.replay_mode
-            != es::replay_mode_options::ReplayMode::StopAfterLastKnown as i32;
+        let follow =
+            req.replay_mode != es::replay_mode_options::ReplayMode::StopAfterLastKnown as i32;
         Ok(Response::new(self.stream_events(
             req.invocation_id,
             from,
@@ -528,7 +543,10 @@ impl es::event_store_server::EventStore for Service {
         req: Request<es::GetBuildRequest>,
     ) -> Result<Response<Self::GetBuildStream>, Status> {
         self.sim.check_auth(&req)?;
-        self.sim.counters.event_calls.fetch_add(1, Ordering::Relaxed);
+        self.sim
+            .counters
+            .event_calls
+            .fetch_add(1, Ordering::Relaxed);
         let req = req.into_inner();
         if req.build_id.is_empty() {
             return Err(Status::invalid_argument("build_id is required"));
@@ -569,7 +587,11 @@ mod tests {
     #[test]
     fn client_grammar() {
         let u = "4f0c6a1e-2b7d-4c3e-9a8f-0123456789ab";
-        for ok in [u.to_string(), format!("evbridge/{u}"), format!("a-b/c1/{u}")] {
+        for ok in [
+            u.to_string(),
+            format!("evbridge/{u}"),
+            format!("a-b/c1/{u}"),
+        ] {
             assert!(valid_client(&ok), "{ok}");
         }
         for bad in [
@@ -587,7 +609,10 @@ mod tests {
     #[test]
     fn continuation_tokens_resume_after_their_event() {
         assert_eq!(parse_continuation("inv", None).unwrap(), 0);
-        assert_eq!(parse_continuation("inv", Some(&continuation("inv", 4))).unwrap(), 5);
+        assert_eq!(
+            parse_continuation("inv", Some(&continuation("inv", 4))).unwrap(),
+            5
+        );
         assert!(parse_continuation("other", Some(&continuation("inv", 4))).is_err());
         assert!(parse_continuation("inv", Some("garbage")).is_err());
     }

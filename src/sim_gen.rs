@@ -149,7 +149,11 @@ impl Gen {
         let build_id = self.uuid().to_string();
         let principal = PRINCIPALS[self.rng.usize(..PRINCIPALS.len())];
         let pipeline = PIPELINES[self.rng.usize(..PIPELINES.len())];
-        let command = if self.rng.u8(..4) == 0 { "build" } else { "test" };
+        let command = if self.rng.u8(..4) == 0 {
+            "build"
+        } else {
+            "test"
+        };
         let keywords = vec![
             format!("command_name={command}"),
             format!("user_keyword=engflow:CiCdPipelineName={pipeline}"),
@@ -261,7 +265,10 @@ impl Gen {
             self.bad_count += 1;
             let (type_url, value) = if self.bad_count % 2 == 1 {
                 // Field 1 with wire type 7, which no protobuf decoder accepts.
-                (LIFECYCLE_TYPE_URL.to_string(), vec![0x0f, 0xde, 0xad, 0xbe, 0xef])
+                (
+                    LIFECYCLE_TYPE_URL.to_string(),
+                    vec![0x0f, 0xde, 0xad, 0xbe, 0xef],
+                )
             } else {
                 (
                     "type.googleapis.com/example.unknown.v1.Mystery".to_string(),
@@ -486,7 +493,11 @@ fn bazel_any(event: bep::BuildEvent) -> Any {
 fn build_status(ok: bool, final_invocation_id: &str) -> bes::BuildStatus {
     use bes::build_status::Result as R;
     bes::BuildStatus {
-        result: if ok { R::CommandSucceeded } else { R::CommandFailed } as i32,
+        result: if ok {
+            R::CommandSucceeded
+        } else {
+            R::CommandFailed
+        } as i32,
         details: None,
         final_invocation_id: final_invocation_id.to_string(),
         build_tool_exit_code: Some(if ok { 0 } else { 3 }),

@@ -106,14 +106,18 @@ impl tonic::service::Interceptor for Auth {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
         if let Some(token) = &self.0 {
             let md = req.metadata_mut();
-            md.insert("x-engflow-auth-method", MetadataValue::from_static("jwt-v0"));
+            md.insert(
+                "x-engflow-auth-method",
+                MetadataValue::from_static("jwt-v0"),
+            );
             md.insert("x-engflow-auth-token", token.clone());
         }
         Ok(req)
     }
 }
 
-type QueueClient = nq::notification_queue_client::NotificationQueueClient<InterceptedService<Channel, Auth>>;
+type QueueClient =
+    nq::notification_queue_client::NotificationQueueClient<InterceptedService<Channel, Auth>>;
 type StoreClient = es::event_store_client::EventStoreClient<InterceptedService<Channel, Auth>>;
 
 /// Builds the gRPC channel (lazy: connection errors surface on calls and
@@ -239,8 +243,11 @@ impl Source {
     ) -> Arc<Self> {
         let max = 64 * 1024 * 1024;
         Arc::new(Source {
-            queue: nq::notification_queue_client::NotificationQueueClient::with_interceptor(channel.clone(), auth.clone())
-                .max_decoding_message_size(max),
+            queue: nq::notification_queue_client::NotificationQueueClient::with_interceptor(
+                channel.clone(),
+                auth.clone(),
+            )
+            .max_decoding_message_size(max),
             store: es::event_store_client::EventStoreClient::with_interceptor(channel, auth)
                 .max_decoding_message_size(max),
             cfg,
@@ -335,7 +342,12 @@ impl Source {
                     backoff.reset();
                     info!("Pull stream ended ({reason}); reconnecting");
                 }
-                SessionEnd::Broken(reason) => {
+                SessionEnd::Broken(reason, productive) => {
+                    // A stream that did work proves the server is healthy:
+                    // start the backoff over instead of growing it.
+                    if productive {
+                        backoff.reset();
+                    }
                     let delay = backoff.next_delay();
                     warn!("Pull stream broke ({reason}); reconnecting in {delay:?}");
                     tokio::select! {
@@ -377,7 +389,7 @@ impl Source {
                     };
                     self.stats.acks_sent.fetch_add(n as u64, Ordering::Relaxed);
                     if req_tx.send(req).await.is_err() {
-                        break SessionEnd::Broken("request stream closed".into());
+                        break SessionEnd::Broken("request stream closed".into(), delivered_any);
                     }
                 }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
@@ -408,8 +420,8 @@ impl Source {
                     // A stream that ended after doing work is normal server
                     // behaviour; one that ends at once should not spin.
                     Ok(None) if delivered_any => break SessionEnd::Healthy("server ended the stream".into()),
-                    Ok(None) => break SessionEnd::Broken("server ended the stream at once".into()),
-                    Err(status) => break SessionEnd::Broken(format!("{:?}: {}", status.code(), status.message())),
+                    Ok(None) => break SessionEnd::Broken("server ended the stream at once".into(), false),
+                    Err(status) => break SessionEnd::Broken(format!("{:?}: {}", status.code(), status.message()), delivered_any),
                 },
                 _ = shutdown.wait(), if drain_until.is_none() => {
                     let grace = self.cfg.shutdown_grace;
@@ -439,7 +451,10 @@ impl Source {
                     }
                 }
             };
-            if tokio::time::timeout(Duration::from_secs(5), closing).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(5), closing)
+                .await
+                .is_err()
+            {
                 warn!("the server did not end the Pull stream within 5s of our half-close");
             }
         } else {
@@ -530,7 +545,11 @@ impl Source {
                                 backoff.reset();
                             }
                             Ok(None) if !follow => return Ok(()),
-                            Ok(None) => break Status::unavailable("event stream ended before its last event"),
+                            Ok(None) => {
+                                break Status::unavailable(
+                                    "event stream ended before its last event",
+                                );
+                            }
                             Err(status) => break status,
                         }
                     }
@@ -559,6 +578,7 @@ enum SessionEnd {
     Shutdown,
     /// Ended cleanly by the server: reconnect at once.
     Healthy(String),
-    /// Broke with an error: reconnect after backoff.
-    Broken(String),
+    /// Broke with an error: reconnect after backoff (reset first when the
+    /// stream had delivered something).
+    Broken(String, bool),
 }

@@ -118,7 +118,9 @@ mod tests {
     #[tokio::test]
     async fn counts_everything() {
         let hole = Blackhole::new();
-        let batch: Vec<_> = (0..5).map(|i| Arc::new(test_envelope(&i.to_string()))).collect();
+        let batch: Vec<_> = (0..5)
+            .map(|i| Arc::new(test_envelope(&i.to_string())))
+            .collect();
         hole.send(&batch).await.unwrap();
         hole.send(&batch[..2]).await.unwrap();
         assert_eq!(hole.count(), 7);

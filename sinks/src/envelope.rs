@@ -97,7 +97,15 @@ mod tests {
             payload: RawValue::from_string(r#"{"a":1}"#.into()).unwrap(),
         });
         let v: serde_json::Value = serde_json::from_slice(env.json()).unwrap();
-        for field in ["id", "name", "namespace", "timestamp", "version", "topic", "payload"] {
+        for field in [
+            "id",
+            "name",
+            "namespace",
+            "timestamp",
+            "version",
+            "topic",
+            "payload",
+        ] {
             assert!(v.get(field).is_some(), "missing {field}");
         }
         assert_eq!(v["payload"]["a"], 1);

@@ -61,7 +61,9 @@ pub enum OpenError {
         scheme: String,
     },
     /// A real sink this build was compiled without.
-    #[error("sink scheme `{scheme}://` needs cargo feature `{feature}`, which this build does not enable (rebuild with `--features {feature}`)")]
+    #[error(
+        "sink scheme `{scheme}://` needs cargo feature `{feature}`, which this build does not enable (rebuild with `--features {feature}`)"
+    )]
     FeatureDisabled {
         /// The scheme that was given.
         scheme: String,
@@ -69,7 +71,9 @@ pub enum OpenError {
         feature: &'static str,
     },
     /// A sink the project plans but this version does not have yet.
-    #[error("sink scheme `{scheme}://` is not available in this version of evbridge; accepted forms now: stdout://, blackhole://, none://")]
+    #[error(
+        "sink scheme `{scheme}://` is not available in this version of evbridge; accepted forms now: stdout://, blackhole://, none://"
+    )]
     Unavailable {
         /// The scheme that was given.
         scheme: String,

@@ -112,18 +112,36 @@ mod tests {
             ("none://", Ok("none://")),
             ("blackhole://?interval=2", Ok("blackhole://?interval=2")),
             ("stdout://?format=xml", Err(&["format=xml", "json, pretty"])),
-            ("stdout://?colour=1", Err(&["unknown option `colour`", "accepted: format"])),
-            ("stdout://somehost", Err(&["takes no host or path", "stdout://[?format"])),
+            (
+                "stdout://?colour=1",
+                Err(&["unknown option `colour`", "accepted: format"]),
+            ),
+            (
+                "stdout://somehost",
+                Err(&["takes no host or path", "stdout://[?format"]),
+            ),
             ("blackhole://?interval=0", Err(&["interval=0", "positive"])),
-            ("blackhole://?interval=x", Err(&["interval=x", "number of seconds"])),
+            (
+                "blackhole://?interval=x",
+                Err(&["interval=x", "number of seconds"]),
+            ),
             ("none://?x=1", Err(&["unknown option `x`"])),
-            ("ftp://x", Err(&["unknown scheme `ftp`", "kafka://HOST:PORT"])),
-            ("stdout", Err(&["malformed", "relative URL without a base", "stdout://"])),
+            (
+                "ftp://x",
+                Err(&["unknown scheme `ftp`", "kafka://HOST:PORT"]),
+            ),
+            (
+                "stdout",
+                Err(&["malformed", "relative URL without a base", "stdout://"]),
+            ),
             ("", Err(&["malformed", "accepted forms"])),
             ("kafka://b:9092/t", Err(&["kafka://", "not available"])),
             ("amqp://u:hunter2@h/v", Err(&["amqp://", "not available"])),
             ("grpc://h:1", Err(&["grpc://", "not available"])),
-            ("fancy://u:hunter2@h/", Err(&["unknown scheme `fancy`", "u:***@h"])),
+            (
+                "fancy://u:hunter2@h/",
+                Err(&["unknown scheme `fancy`", "u:***@h"]),
+            ),
         ];
         for (url, want) in cases {
             let got = open(url).await;

@@ -28,7 +28,10 @@ pub fn redact(raw: &str) -> String {
             .map(|(k, v)| {
                 let lower = k.to_ascii_lowercase();
                 let secret = SECRET_WORDS.iter().any(|w| lower.contains(w));
-                (k.into_owned(), if secret { "***".into() } else { v.into_owned() })
+                (
+                    k.into_owned(),
+                    if secret { "***".into() } else { v.into_owned() },
+                )
             })
             .collect();
         url.query_pairs_mut().clear().extend_pairs(pairs);
@@ -171,7 +174,10 @@ mod tests {
     #[test]
     fn redacts_passwords_and_secret_options() {
         let cases = [
-            ("amqp://user:hunter2@host:5672/vh", "amqp://user:***@host:5672/vh"),
+            (
+                "amqp://user:hunter2@host:5672/vh",
+                "amqp://user:***@host:5672/vh",
+            ),
             (
                 "kafka://b:9092/t?rdkafka.sasl.password=hunter2&acks=all",
                 "kafka://b:9092/t?rdkafka.sasl.password=***&acks=all",
@@ -201,7 +207,10 @@ mod tests {
     fn bad_values_name_the_option() {
         let url = Url::parse("x://?n=abc&b=maybe&c=zz&n2=1").unwrap();
         let mut o = Options::new(&url).unwrap();
-        let e = o.parse::<u64>("n", "a whole number").unwrap_err().to_string();
+        let e = o
+            .parse::<u64>("n", "a whole number")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`n=abc` is not a whole number"), "{e}");
         let e = o.flag("b").unwrap_err().to_string();
         assert!(e.contains("`b=maybe`"), "{e}");
@@ -214,6 +223,11 @@ mod tests {
     #[test]
     fn repeated_option_is_an_error() {
         let url = Url::parse("x://?a=1&a=2").unwrap();
-        assert!(Options::new(&url).unwrap_err().to_string().contains("twice"));
+        assert!(
+            Options::new(&url)
+                .unwrap_err()
+                .to_string()
+                .contains("twice")
+        );
     }
 }

@@ -131,7 +131,10 @@ mod tests {
         let sink = WriterSink::new(Vec::new(), Format::Pretty);
         sink.send(&[Arc::new(test_envelope("a"))]).await.unwrap();
         let out = String::from_utf8(sink.out.into_inner()).unwrap();
-        assert!(out.contains("\n  \"payload\": {\n    \"n\": 1\n  }"), "{out}");
+        assert!(
+            out.contains("\n  \"payload\": {\n    \"n\": 1\n  }"),
+            "{out}"
+        );
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["id"], "a");
     }

@@ -1,0 +1,375 @@
+//! The bridge against the simulator over real gRPC on loopback.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use evbridge::sinks::Sink;
+use serde_json::Value;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn valid_name(name: &str) -> bool {
+    // ^[a-zA-Z0-9]+((['_.-][a-zA-Z0-9])?[a-zA-Z0-9]*)*$ : alphanumeric runs,
+    // each separator single and followed by an alphanumeric.
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b[0].is_ascii_alphanumeric()
+        && b.windows(2)
+            .all(|w| !(b"'_.-".contains(&w[0]) && !w[1].is_ascii_alphanumeric()))
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"'_.-".contains(c))
+        && b.last().unwrap().is_ascii_alphanumeric()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_notification_acked_every_event_delivered_once_in_order() {
+    let s = start_sim(sim_config(25, 15)).await;
+    let (sink, out) = capture();
+    let summary = run_until_acked(&s.sim, bridge_config(&s.url), vec![sink], LONG)
+        .await
+        .unwrap();
+    let report = s.sim.report();
+    assert!(s.sim.all_acked(), "not all acked: {report:?}");
+    assert_eq!(report.queue.redelivered, 0);
+    let lines = out.lines();
+    assert_complete(&s.sim, &lines);
+    // No faults: exactly once.
+    let envelopes = out.envelopes();
+    assert_eq!(
+        envelopes.len(),
+        report.notifications + report.invocation_events
+    );
+    assert!(id_counts(&envelopes).values().all(|c| *c == 1));
+    assert_eq!(summary.envelopes as usize, envelopes.len());
+    assert_eq!(summary.acked as usize, report.notifications);
+    for e in &envelopes {
+        let name = e["name"].as_str().unwrap();
+        assert!(valid_name(name), "bad name {name}");
+        let id = e["id"].as_str().unwrap();
+        assert!(
+            id.len() == 32 && id.bytes().all(|c| c.is_ascii_hexdigit()),
+            "id {id}"
+        );
+        let ts = e["timestamp"].as_str().unwrap();
+        assert!(
+            ts.parse::<prost_types::Timestamp>().is_ok() && ts.ends_with('Z'),
+            "timestamp {ts}"
+        );
+        assert_eq!(e["version"], 1);
+        assert_eq!(e["namespace"], "default");
+    }
+    // Bazel events are expanded, not left raw.
+    let bazel: Vec<&Value> = envelopes
+        .iter()
+        .filter(|e| e["name"] == "bazel_event")
+        .collect();
+    assert!(!bazel.is_empty());
+    for e in bazel {
+        let any = &e["payload"]["event"]["buildEvent"]["bazelEvent"];
+        assert_eq!(
+            any["@type"], "type.googleapis.com/build_event_stream.BuildEvent",
+            "{e}"
+        );
+        assert!(any.get("id").is_some(), "{any}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_streams_lose_nothing_and_repeat_identical_ids() {
+    let mut cfg = sim_config(30, 12);
+    cfg.drop_stream_every = 4;
+    cfg.drop_event_stream_every = 5;
+    let s = start_sim(cfg).await;
+    let (sink, out) = capture();
+    run_until_acked(&s.sim, bridge_config(&s.url), vec![sink], LONG)
+        .await
+        .unwrap();
+    let report = s.sim.report();
+    assert!(s.sim.all_acked(), "{report:?}");
+    assert!(report.streams_dropped > 3, "{report:?}");
+    assert!(report.event_streams_dropped > 3, "{report:?}");
+    assert_complete(&s.sim, &out.lines());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_resume_from_continuation_token_without_duplicates() {
+    let mut cfg = sim_config(10, 23);
+    cfg.drop_event_stream_every = 4;
+    let s = start_sim(cfg).await;
+    let (sink, out) = capture();
+    run_until_acked(&s.sim, bridge_config(&s.url), vec![sink], LONG)
+        .await
+        .unwrap();
+    let report = s.sim.report();
+    assert!(report.event_streams_dropped >= 50, "{report:?}");
+    let envelopes = out.envelopes();
+    assert_complete(&s.sim, &out.lines());
+    // Resuming after the last token neither repeats nor skips an event.
+    assert!(id_counts(&envelopes).values().all(|c| *c == 1));
+    assert_eq!(report.events_served as usize, report.invocation_events);
+    for (inv, seqs) in sequences(&envelopes) {
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{inv}: {seqs:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_acks_are_redelivered_with_same_ids() {
+    // A window shorter than the sink takes: every first ack is late.
+    let mut cfg = sim_config(4, 3);
+    cfg.ack_window_override = Some(Duration::from_millis(150));
+    let s = start_sim(cfg).await;
+    let (inner, out) = capture();
+    let slow = std::sync::Arc::new(SlowFirst {
+        inner,
+        delay: Duration::from_millis(400),
+        calls: Default::default(),
+        slow_calls: 3,
+    });
+    run_until_acked(&s.sim, bridge_config(&s.url), vec![slow], LONG)
+        .await
+        .unwrap();
+    let report = s.sim.report();
+    assert!(s.sim.all_acked(), "{report:?}");
+    assert!(
+        report.queue.redelivered > 0 && report.queue.late_acks > 0,
+        "{report:?}"
+    );
+    let lines = out.lines();
+    assert_complete(&s.sim, &lines);
+    let counts = id_counts(&out.envelopes());
+    assert!(counts.values().any(|c| *c > 1), "expected repeats");
+}
+
+/// Delays its first few calls, as a congested broker would.
+#[derive(Debug)]
+struct SlowFirst {
+    inner: std::sync::Arc<dyn Sink>,
+    delay: Duration,
+    calls: std::sync::atomic::AtomicUsize,
+    slow_calls: usize,
+}
+
+#[async_trait::async_trait]
+impl Sink for SlowFirst {
+    fn describe(&self) -> &str {
+        "slow-first"
+    }
+    async fn send(
+        &self,
+        batch: &[std::sync::Arc<evbridge::sinks::Envelope>],
+    ) -> Result<(), evbridge::sinks::BatchError> {
+        if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < self.slow_calls {
+            tokio::time::sleep(self.delay).await;
+        }
+        self.inner.send(batch).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_readers_share_the_queue() {
+    let s = start_sim(sim_config(30, 4)).await;
+    let (sink, out) = capture();
+    let mut cfg = bridge_config(&s.url);
+    cfg.source.readers = 3;
+    run_until_acked(&s.sim, cfg, vec![sink], LONG)
+        .await
+        .unwrap();
+    let report = s.sim.report();
+    assert!(s.sim.all_acked());
+    assert_eq!(report.streams_opened, 3);
+    assert_eq!(report.queue.redelivered, 0);
+    assert_complete(&s.sim, &out.lines());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_is_enforced() {
+    let mut cfg = sim_config(3, 3);
+    cfg.token = Some("s3cret-token".into());
+    let s = start_sim(cfg).await;
+
+    let (sink, _) = capture();
+    let err = run_until_acked(&s.sim, bridge_config(&s.url), vec![sink], LONG)
+        .await
+        .expect_err("no token must fail");
+    let msg = err.to_string();
+    assert!(msg.contains("Unauthenticated"), "{msg}");
+    assert!(!msg.contains('\n'), "one line: {msg}");
+    assert_eq!(s.sim.report().unauthenticated, 1, "no retry storm");
+
+    let mut wrong = bridge_config(&s.url);
+    wrong.source.token = Some("wrong".into());
+    let (sink, _) = capture();
+    let err = run_until_acked(&s.sim, wrong, vec![sink], LONG)
+        .await
+        .unwrap_err();
+    assert!(!err.to_string().contains("wrong"), "token echoed: {err}");
+
+    let mut right = bridge_config(&s.url);
+    right.source.token = Some("s3cret-token".into());
+    let (sink, out) = capture();
+    run_until_acked(&s.sim, right, vec![sink], LONG)
+        .await
+        .unwrap();
+    assert!(s.sim.all_acked());
+    assert_complete(&s.sim, &out.lines());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_queue_is_a_clear_error() {
+    let s = start_sim(sim_config(1, 1)).await;
+    let mut cfg = bridge_config(&s.url);
+    cfg.source.queue = "no/such-queue".into();
+    let (sink, _) = capture();
+    let err = run_until_acked(&s.sim, cfg, vec![sink], LONG)
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("NotFound") && msg.contains("no/such-queue"),
+        "{msg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_payloads_are_delivered_raw_and_acked() {
+    let mut cfg = sim_config(6, 3);
+    cfg.gen_config.bad_payload_every = 3;
+    let s = start_sim(cfg).await;
+    let (sink, out) = capture();
+    run_until_acked(&s.sim, bridge_config(&s.url), vec![sink], LONG)
+        .await
+        .unwrap();
+    let report = s.sim.report();
+    assert!(s.sim.all_acked(), "{report:?}");
+    assert!(report.bad_payloads >= 8);
+    let envelopes = out.envelopes();
+    let raw: Vec<&Value> = envelopes
+        .iter()
+        .filter(|e| e["name"] == "raw_notification")
+        .collect();
+    assert_eq!(raw.len(), report.bad_payloads);
+    let mut unknown = 0;
+    for e in raw {
+        let p = &e["payload"];
+        assert!(
+            p["typeUrl"]
+                .as_str()
+                .unwrap()
+                .starts_with("type.googleapis.com/")
+        );
+        assert!(
+            !p["value"].as_str().unwrap().is_empty(),
+            "raw bytes kept: {p}"
+        );
+        assert!(!p["error"].as_str().unwrap().is_empty());
+        unknown += p["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown payload type") as usize;
+    }
+    assert!(
+        unknown > 0 && unknown < report.bad_payloads,
+        "both kinds of bad payload"
+    );
+    assert_complete(&s.sim, &out.lines());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_loses_nothing() {
+    let mut cfg = sim_config(60, 10);
+    cfg.rate = 150.0;
+    let s = start_sim(cfg).await;
+
+    // First run: stopped part-way.
+    let (sink, first) = capture();
+    let (trigger, shutdown) = evbridge::shutdown::channel();
+    let run = tokio::spawn(evbridge::bridge::run(
+        bridge_config(&s.url),
+        vec![sink],
+        shutdown,
+    ));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    trigger.fire();
+    run.await
+        .unwrap()
+        .expect("graceful shutdown is not an error");
+    let acked = s.sim.acked_ids();
+    assert!(
+        !acked.is_empty() && !s.sim.all_acked(),
+        "stopped part-way: {}",
+        acked.len()
+    );
+
+    // Everything acknowledged in the first run was delivered by it.
+    let envelopes = first.envelopes();
+    let world = s.sim.world();
+    let seqs = sequences(&envelopes);
+    for id in &acked {
+        assert!(
+            envelopes
+                .iter()
+                .any(|e| e["attributes"]["notification_id"] == id.as_str()
+                    && e["topic"] == "lifecycle"),
+            "acked {id} without delivering it"
+        );
+        let index = world
+            .notifications
+            .iter()
+            .position(|n| &n.id == id)
+            .unwrap();
+        if let Some(inv) = world.invocations.iter().find(|i| i.finished_at == index) {
+            assert_eq!(
+                seqs.get(&inv.id).map(Vec::len),
+                Some(inv.events.len()),
+                "acked {id} before its events"
+            );
+        }
+    }
+
+    // Second run picks up the rest; together nothing is lost.
+    let (sink, second) = capture();
+    run_until_acked(&s.sim, bridge_config(&s.url), vec![sink], LONG)
+        .await
+        .unwrap();
+    assert!(s.sim.all_acked());
+    let mut lines = first.lines();
+    lines.extend(second.lines());
+    assert_complete(&s.sim, &lines);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_sink_gets_everything() {
+    let s = start_sim(sim_config(8, 6)).await;
+    let (a, out_a) = capture();
+    let (b, out_b) = capture();
+    let hole = std::sync::Arc::new(evbridge::sinks::Blackhole::new());
+    run_until_acked(
+        &s.sim,
+        bridge_config(&s.url),
+        vec![a, b, hole.clone()],
+        LONG,
+    )
+    .await
+    .unwrap();
+    assert!(s.sim.all_acked());
+    assert_complete(&s.sim, &out_a.lines());
+    assert_complete(&s.sim, &out_b.lines());
+    assert_eq!(hole.count() as usize, out_a.lines().len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn until_complete_follows_a_running_invocation() {
+    // Released slowly: invocation_started comes before the invocation is
+    // complete, and UNTIL_COMPLETE waits for the rest.
+    let mut cfg = sim_config(5, 8);
+    cfg.rate = 40.0;
+    let s = start_sim(cfg).await;
+    let (sink, out) = capture();
+    let mut bc = bridge_config(&s.url);
+    bc.source.replay = evbridge::pb::es::replay_mode_options::ReplayMode::UntilComplete;
+    run_until_acked(&s.sim, bc, vec![sink], LONG).await.unwrap();
+    assert!(s.sim.all_acked());
+    assert_complete(&s.sim, &out.lines());
+}
