@@ -468,14 +468,11 @@ async fn run_sim(args: SimArgs) -> Result<(), Failure> {
         }
     }
     trigger.fire();
-    match tokio::time::timeout(Duration::from_secs(5), server).await {
-        Ok(Ok(Err(e))) => {
-            return Err(Failure {
-                code: 1,
-                message: format!("simulator failed: {e}"),
-            });
-        }
-        Ok(_) | Err(_) => {}
+    if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(5), server).await {
+        return Err(Failure {
+            code: 1,
+            message: format!("simulator failed: {e}"),
+        });
     }
     write_report(&sim, report_path.as_deref());
     Ok(())

@@ -17,7 +17,7 @@ fn valid_name(name: &str) -> bool {
     !b.is_empty()
         && b[0].is_ascii_alphanumeric()
         && b.windows(2)
-            .all(|w| !(b"'_.-".contains(&w[0]) && !w[1].is_ascii_alphanumeric()))
+            .all(|w| !b"'_.-".contains(&w[0]) || w[1].is_ascii_alphanumeric())
         && b.iter()
             .all(|c| c.is_ascii_alphanumeric() || b"'_.-".contains(c))
         && b.last().unwrap().is_ascii_alphanumeric()

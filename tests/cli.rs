@@ -1,0 +1,282 @@
+//! The real binary: `evbridge sim` and the bridge as separate processes,
+//! EngFlow example-client flag aliases, exit codes, secrets.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_evbridge");
+
+struct Sim {
+    child: Child,
+    url: String,
+}
+
+/// Starts `evbridge sim` on a free port; returns it and its URL.
+fn sim(args: &[&str]) -> Sim {
+    let mut child = Command::new(BIN)
+        .args(["sim", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("evbridge sim listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+        .to_string();
+    Sim { child, url }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_with_deadline(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "process did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+fn bridge(args: &[&str], envs: &[(&str, &str)]) -> Child {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.env_remove("EVBRIDGE_TOKEN");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let child = bridge(args, envs);
+    child.wait_with_output().unwrap()
+}
+
+/// Waits for the sim (started with --exit-when-acked) to finish; returns
+/// its JSON report.
+fn sim_report(mut s: Sim) -> serde_json::Value {
+    let status = wait_with_deadline(&mut s.child, Duration::from_secs(60));
+    assert!(status.success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(s.child.stdout.as_mut().unwrap(), &mut rest).unwrap();
+    serde_json::from_str(rest.lines().last().expect("report line")).unwrap()
+}
+
+#[test]
+fn separate_processes_with_example_client_flags() {
+    let s = sim(&[
+        "--builds",
+        "6",
+        "--events-per-invocation",
+        "4",
+        "--exit-when-acked",
+    ]);
+    let endpoint = format!("--notification_queue_endpoint={}", s.url);
+    let mut b = bridge(
+        &[
+            &endpoint,
+            "--queue_name",
+            "eventstore/lifecycle-events",
+            "--sink",
+            "stdout://",
+        ],
+        &[],
+    );
+    // Read stdout while it runs, or the pipe fills and the sink stalls.
+    let mut stdout = b.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut all).unwrap();
+        all
+    });
+    let report = sim_report(s);
+    signal(&b, "-TERM");
+    let status = wait_with_deadline(&mut b, Duration::from_secs(20));
+    assert!(status.success(), "SIGTERM exits 0, got {status:?}");
+    let lines = reader.join().unwrap();
+    let n =
+        report["notifications"].as_u64().unwrap() + report["invocation_events"].as_u64().unwrap();
+    assert_eq!(lines.lines().count() as u64, n, "one line per envelope");
+    assert_eq!(report["acked"], report["notifications"]);
+    for l in lines.lines() {
+        serde_json::from_str::<serde_json::Value>(l).expect("JSON line");
+    }
+}
+
+#[test]
+fn token_required_then_taken_from_env_and_file() {
+    let s = sim(&[
+        "--builds",
+        "2",
+        "--events-per-invocation",
+        "2",
+        "--token",
+        "t0ps3cret",
+    ]);
+    let start = Instant::now();
+    let out = run(&["--source", &s.url, "--sink", "none://"], &[]);
+    assert_eq!(out.status.code(), Some(1), "fatal at start");
+    assert!(start.elapsed() < Duration::from_secs(10), "no retry storm");
+    let err = String::from_utf8(out.stderr).unwrap();
+    let ours: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("evbridge: "))
+        .collect();
+    assert_eq!(ours.len(), 1, "{err}");
+    assert!(ours[0].contains("Unauthenticated"), "{err}");
+
+    let dir = std::env::temp_dir().join(format!("evbridge-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("token");
+    std::fs::write(&file, "t0ps3cret\n").unwrap();
+    for envs in [vec![("EVBRIDGE_TOKEN", "t0ps3cret")], vec![]] {
+        let mut args = vec!["--source", &s.url, "--sink", "none://"];
+        if envs.is_empty() {
+            args.extend(["--token-file", file.to_str().unwrap()]);
+        }
+        let mut b = bridge(&args, &envs);
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            b.try_wait().unwrap().is_none(),
+            "authenticated bridge keeps running"
+        );
+        signal(&b, "-INT");
+        let status = wait_with_deadline(&mut b, Duration::from_secs(20));
+        assert!(status.success());
+        let out = b.wait_with_output().unwrap();
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(!err.contains("t0ps3cret"), "token in logs: {err}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn bad_input_is_one_line_and_exit_code_2() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--source", "grpc://127.0.0.1:1", "--sink", "ftp://x"],
+            "unknown scheme `ftp`",
+        ),
+        (
+            &[
+                "--source",
+                "grpc://127.0.0.1:1",
+                "--sink",
+                "stdout://?format=xml",
+            ],
+            "format=xml",
+        ),
+        (
+            &[
+                "--source",
+                "grpc://127.0.0.1:1",
+                "--sink",
+                "amqp://u:hunter2@h/v",
+            ],
+            "not available",
+        ),
+        (
+            &["--source", "http://127.0.0.1:1"],
+            "accepted forms: grpc://",
+        ),
+        (&["--source", "grpc://"], "has no host"),
+        (&["--source", "grpc://h:1/path"], "must not have a path"),
+        (
+            &[
+                "--source",
+                "grpc://h:1",
+                "--token-file",
+                "/nonexistent/evbridge-token",
+            ],
+            "cannot read --token-file",
+        ),
+        (
+            &["--source", "grpcs://h:1", "--tls-ca", "/nonexistent/ca.pem"],
+            "cannot read --tls-ca",
+        ),
+        (
+            &["--source", "grpc://h:1", "--tls-ca", "/etc/hostname"],
+            "need a grpcs:// source",
+        ),
+        (
+            &["--source", "grpc://h:1", "--ack-deadline", "10"],
+            "30..=300",
+        ),
+        (&["--sink", "stdout://"], "no source"),
+        (&["--source", "grpc://h:1", "--bogus-flag"], "--bogus-flag"),
+    ];
+    for (args, want) in cases {
+        let out = run(args, &[]);
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: `{err}` lacks `{want}`");
+        assert!(!err.contains("hunter2"), "{args:?}: secret leaked: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn help_shows_no_secret_values() {
+    let out = run(&["--help"], &[("EVBRIDGE_TOKEN", "very-secret-value")]);
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    assert!(help.contains("--notification_queue_endpoint") || help.contains("--source"));
+    assert!(help.contains("Examples:"));
+    assert!(!help.contains("very-secret-value"));
+}
+
+#[test]
+fn demo_shows_envelopes_and_exits() {
+    let out = run(
+        &[
+            "demo",
+            "--builds",
+            "3",
+            "--events-per-invocation",
+            "4",
+            "--rate",
+            "0",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.iter().any(|e| e["name"] == "invocation_finished"));
+    assert!(lines.iter().any(|e| e["name"] == "bazel_event"));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("done."), "{err}");
+}

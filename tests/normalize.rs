@@ -1,0 +1,351 @@
+//! Normalization against golden JSON, raw fallbacks, determinism, and
+//! hostile input that must never panic.
+//!
+//! `UPDATE_GOLDEN=1 cargo test --test normalize` rewrites the fixtures.
+
+use evbridge::normalize::{Invocation, Normalizer, parse_keywords};
+use evbridge::pb::{self, bep, bes, es, nq};
+use evbridge::sinks::Envelope;
+use prost::Message;
+use prost_types::{Any, Timestamp};
+
+fn golden(name: &str, env: &Envelope) {
+    let value: serde_json::Value = serde_json::from_slice(env.json()).unwrap();
+    let pretty = serde_json::to_string_pretty(&value).unwrap() + "\n";
+    let path = format!("{}/tests/fixtures/{name}.json", env!("CARGO_MANIFEST_DIR"));
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &pretty).unwrap();
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{path}: {e} (UPDATE_GOLDEN=1 creates it)"));
+    assert_eq!(pretty, want, "{name} differs from {path}");
+}
+
+const KEYWORDS: [&str; 4] = [
+    "command_name=test",
+    "user_keyword=engflow:CiCdPipelineName=post-merge",
+    "user_keyword=flaky",
+    "bazel_version=8.4.2",
+];
+
+fn notification(kind: es::build_lifecycle_event_notification::Kind) -> nq::Notification {
+    let payload = es::BuildLifecycleEventNotification {
+        instance_name: "ci".into(),
+        build_id: "b7f3c1de-8a0b-4c11-9d3e-5f6a7b8c9d0e".into(),
+        auth_context: Some(pb::engflow::auth::AuthContext {
+            user: Some(pb::engflow::iam::v1::User {
+                principal: "alice@example.com".into(),
+                role: vec!["admin".into()],
+                profile_picture_url: None,
+            }),
+        }),
+        keywords: KEYWORDS.iter().map(|s| s.to_string()).collect(),
+        kind: Some(kind),
+    };
+    nq::Notification {
+        id: "0d5e8f7a-1b2c-4d3e-8f9a-0b1c2d3e4f5a".into(),
+        timestamp: Some(Timestamp {
+            seconds: 1_795_564_800,
+            nanos: 250_000_000,
+        }),
+        payload: Some(Any {
+            type_url: pb::LIFECYCLE_TYPE_URL.into(),
+            value: payload.encode_to_vec(),
+        }),
+    }
+}
+
+fn finished() -> nq::Notification {
+    notification(
+        es::build_lifecycle_event_notification::Kind::InvocationFinished(
+            es::build_lifecycle_event_notification::InvocationFinished {
+                invocation_id: "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d".into(),
+            },
+        ),
+    )
+}
+
+fn invocation() -> Invocation {
+    Normalizer::default()
+        .lifecycle(&finished())
+        .fetch
+        .expect("invocation_finished fetches")
+}
+
+fn streamed(event: bes::build_event::Event) -> es::StreamedBuildEvent {
+    es::StreamedBuildEvent {
+        is_last: false,
+        continuation_token: "ct.opaque.7".into(),
+        event: Some(es::BuildProgressEvent {
+            stream_id: Some(bes::StreamId {
+                build_id: "b7f3c1de-8a0b-4c11-9d3e-5f6a7b8c9d0e".into(),
+                component: bes::stream_id::BuildComponent::Tool as i32,
+                invocation_id: "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d".into(),
+            }),
+            service_level: Some(0),
+            notification_keywords: KEYWORDS.iter().map(|s| s.to_string()).collect(),
+            build_event: Some(bes::BuildEvent {
+                event_time: Some(Timestamp {
+                    seconds: 1_795_564_801,
+                    nanos: 0,
+                }),
+                event: Some(event),
+            }),
+        }),
+        principal: "alice@example.com".into(),
+    }
+}
+
+fn bazel(value: Vec<u8>) -> bes::build_event::Event {
+    bes::build_event::Event::BazelEvent(Any {
+        type_url: pb::BAZEL_EVENT_TYPE_URL.into(),
+        value,
+    })
+}
+
+fn test_result() -> bep::BuildEvent {
+    bep::BuildEvent {
+        id: Some(bep::BuildEventId {
+            id: Some(bep::build_event_id::Id::TestResult(
+                bep::build_event_id::TestResultId {
+                    label: "//lib/cache:lru_test".into(),
+                    run: 1,
+                    shard: 1,
+                    attempt: 1,
+                    ..Default::default()
+                },
+            )),
+        }),
+        payload: Some(bep::build_event::Payload::TestResult(bep::TestResult {
+            status: bep::TestStatus::Flaky as i32,
+            test_attempt_duration: Some(prost_types::Duration {
+                seconds: 2,
+                nanos: 500_000_000,
+            }),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn lifecycle_invocation_finished_golden() {
+    let out = Normalizer::default().lifecycle(&finished());
+    assert!(out.problems.is_empty());
+    assert_eq!(out.envelope.name, "invocation_finished");
+    assert_eq!(out.envelope.key, "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d");
+    golden("lifecycle_invocation_finished", &out.envelope);
+    let inv = out.fetch.unwrap();
+    assert_eq!(inv.instance, "ci");
+    assert_eq!(inv.invocation_id, "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d");
+}
+
+#[test]
+fn lifecycle_kinds_have_names_and_keys() {
+    use es::build_lifecycle_event_notification as l;
+    let n = Normalizer::default();
+    let started = n.lifecycle(&notification(l::Kind::BuildStarted(l::BuildStarted {})));
+    assert_eq!(started.envelope.name, "build_started");
+    assert_eq!(started.envelope.key, "b7f3c1de-8a0b-4c11-9d3e-5f6a7b8c9d0e");
+    assert!(started.fetch.is_none());
+    let inv = n.lifecycle(&notification(l::Kind::InvocationStarted(
+        l::InvocationStarted {
+            invocation_id: "x".into(),
+        },
+    )));
+    assert_eq!(inv.envelope.name, "invocation_started");
+    assert!(inv.fetch.is_none(), "only invocation_finished fetches");
+}
+
+#[test]
+fn bazel_test_result_golden() {
+    let ev = streamed(bazel(test_result().encode_to_vec()));
+    let out = Normalizer::default().build_event(&invocation(), 7, &ev);
+    assert!(out.problems.is_empty(), "{:?}", out.problems);
+    assert_eq!(out.envelope.name, "bazel_event");
+    assert_eq!(out.envelope.topic, "build-events");
+    assert_eq!(out.envelope.timestamp, "2026-11-25T00:00:01Z");
+    golden("bazel_test_result", &out.envelope);
+    let json = String::from_utf8(out.envelope.json().to_vec()).unwrap();
+    assert!(
+        !json.contains("ct.opaque"),
+        "continuation token is not content"
+    );
+}
+
+#[test]
+fn console_output_golden() {
+    let ev = streamed(bes::build_event::Event::ConsoleOutput(
+        bes::build_event::ConsoleOutput {
+            r#type: bes::ConsoleOutputStream::Stderr as i32,
+            output: Some(bes::build_event::console_output::Output::TextOutput(
+                "INFO: Elapsed time: 84.213s\n".into(),
+            )),
+        },
+    ));
+    let out = Normalizer::default().build_event(&invocation(), 0, &ev);
+    golden("console_output", &out.envelope);
+}
+
+#[test]
+fn unknown_type_url_is_delivered_raw_golden() {
+    let mut n = finished();
+    n.payload = Some(Any {
+        type_url: "type.googleapis.com/acme.Secret".into(),
+        value: vec![1, 2, 3, 255],
+    });
+    let out = Normalizer::default().lifecycle(&n);
+    assert_eq!(out.envelope.name, "raw_notification");
+    assert_eq!(out.problems.len(), 1);
+    assert!(out.fetch.is_none());
+    golden("raw_unknown_type", &out.envelope);
+}
+
+#[test]
+fn undecodable_lifecycle_is_raw_with_reason() {
+    let mut n = finished();
+    n.payload.as_mut().unwrap().value = vec![0x0f, 0xde, 0xad];
+    let out = Normalizer::default().lifecycle(&n);
+    assert_eq!(out.envelope.name, "raw_notification");
+    let v: serde_json::Value = serde_json::from_slice(out.envelope.json()).unwrap();
+    assert_eq!(v["payload"]["value"], "D96t");
+    assert!(
+        v["payload"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("does not decode")
+    );
+    assert_eq!(
+        v["id"], "0d5e8f7a1b2c4d3e8f9a0b1c2d3e4f5a",
+        "same id as when decodable"
+    );
+}
+
+#[test]
+fn bad_nested_any_is_kept_raw_inside_the_event() {
+    let out = Normalizer::default().build_event(
+        &invocation(),
+        3,
+        &streamed(bazel(vec![0xff, 0xff, 0xff])),
+    );
+    assert_eq!(out.envelope.name, "bazel_event");
+    assert_eq!(out.problems.len(), 1, "{:?}", out.problems);
+    let v: serde_json::Value = serde_json::from_slice(out.envelope.json()).unwrap();
+    let any = &v["payload"]["event"]["buildEvent"]["bazelEvent"];
+    assert_eq!(any["@type"], "type.googleapis.com/evbridge.v1.RawAny");
+    assert_eq!(any["typeUrl"], pb::BAZEL_EVENT_TYPE_URL);
+    assert_eq!(any["value"], "////");
+}
+
+#[test]
+fn ids_are_deterministic() {
+    let n = Normalizer::default();
+    let a = n.lifecycle(&finished());
+    let b = n.lifecycle(&finished());
+    assert_eq!(a.envelope.json(), b.envelope.json());
+    let ev = streamed(bazel(test_result().encode_to_vec()));
+    let x = n.build_event(&invocation(), 5, &ev);
+    let y = n.build_event(&invocation(), 5, &ev);
+    let z = n.build_event(&invocation(), 6, &ev);
+    assert_eq!(x.envelope.json(), y.envelope.json());
+    assert_ne!(x.envelope.id, z.envelope.id);
+}
+
+#[test]
+fn keywords_become_structured() {
+    let kws: Vec<String> = KEYWORDS.iter().map(|s| s.to_string()).collect();
+    let m = serde_json::Value::Object(parse_keywords(&kws));
+    assert_eq!(
+        m,
+        serde_json::json!({
+            "commandName": "test",
+            "userKeywords": {"engflow:CiCdPipelineName": "post-merge", "flaky": ""},
+            "other": {"bazel_version": "8.4.2"}
+        })
+    );
+}
+
+/// Random bytes, truncations and nesting in every decodable position:
+/// never a panic, always one envelope with valid JSON.
+#[test]
+fn hostile_input_never_panics() {
+    let n = Normalizer::default();
+    let inv = invocation();
+    let mut rng = fastrand::Rng::with_seed(7);
+    let good_lifecycle = finished().payload.unwrap().value;
+    let good_bazel = test_result().encode_to_vec();
+    // Any inside Any inside Any ... deeper than expansion goes.
+    let mut deep = Any {
+        type_url: pb::BAZEL_EVENT_TYPE_URL.into(),
+        value: good_bazel.clone(),
+    };
+    for _ in 0..40 {
+        deep = Any {
+            type_url: "type.googleapis.com/google.protobuf.Any".into(),
+            value: deep.encode_to_vec(),
+        };
+    }
+    let type_urls = [
+        pb::LIFECYCLE_TYPE_URL,
+        pb::BAZEL_EVENT_TYPE_URL,
+        "type.googleapis.com/google.protobuf.Any",
+        "type.googleapis.com/nope.Nope",
+        "",
+        "no-slash",
+    ];
+    for i in 0..3000 {
+        let bytes: Vec<u8> = match i % 5 {
+            0 => (0..rng.usize(0..64)).map(|_| rng.u8(..)).collect(),
+            1 => good_lifecycle[..rng.usize(0..=good_lifecycle.len())].to_vec(),
+            2 => {
+                let mut b = good_bazel.clone();
+                let at = rng.usize(..b.len());
+                b[at] = rng.u8(..);
+                b
+            }
+            3 => vec![0xff; rng.usize(0..5000)],
+            _ => deep.encode_to_vec(),
+        };
+        let type_url = type_urls[rng.usize(..type_urls.len())].to_string();
+        let mut note = finished();
+        note.payload = Some(Any {
+            type_url: type_url.clone(),
+            value: bytes.clone(),
+        });
+        if i % 7 == 0 {
+            note.id = String::from_utf8_lossy(&bytes).into_owned();
+        }
+        let out = n.lifecycle(&note);
+        serde_json::from_slice::<serde_json::Value>(out.envelope.json()).unwrap();
+
+        let ev = streamed(bes::build_event::Event::BazelEvent(Any {
+            type_url,
+            value: bytes,
+        }));
+        let out = n.build_event(&inv, i, &ev);
+        serde_json::from_slice::<serde_json::Value>(out.envelope.json()).unwrap();
+    }
+    // Invalid UTF-8 inside a string field of a known type.
+    let mut bad_utf8 = vec![0x0a, 0x04];
+    bad_utf8.extend([0xc3, 0x28, 0xa0, 0xa1]);
+    let out = n.lifecycle(&nq::Notification {
+        id: "x".into(),
+        timestamp: None,
+        payload: Some(Any {
+            type_url: pb::LIFECYCLE_TYPE_URL.into(),
+            value: bad_utf8,
+        }),
+    });
+    assert_eq!(out.envelope.name, "raw_notification");
+    // A huge payload survives intact.
+    let huge = vec![7u8; 8 * 1024 * 1024];
+    let out = n.lifecycle(&nq::Notification {
+        id: "y".into(),
+        timestamp: None,
+        payload: Some(Any {
+            type_url: "type.googleapis.com/big.Blob".into(),
+            value: huge,
+        }),
+    });
+    assert!(out.envelope.json().len() > 8 * 1024 * 1024);
+}
