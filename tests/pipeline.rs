@@ -1,0 +1,174 @@
+//! Confirm-before-ack under sink failures, and the in-flight bound.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::*;
+use evbridge::pipeline::Pipeline;
+use evbridge::sinks::{BatchError, Envelope, Sink, SinkError};
+
+/// Fails its first `fail_first` calls (retryably), rejects envelopes named
+/// `reject_name` for good, and passes the rest to `inner`.
+#[derive(Debug)]
+struct Faulty {
+    inner: Arc<dyn Sink>,
+    fail_first: usize,
+    reject_name: Option<&'static str>,
+    calls: AtomicUsize,
+}
+
+#[async_trait]
+impl Sink for Faulty {
+    fn describe(&self) -> &str {
+        "faulty"
+    }
+    async fn send(&self, batch: &[Arc<Envelope>]) -> Result<(), BatchError> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) < self.fail_first {
+            return Err(BatchError::all(SinkError::Retryable("broker away".into())));
+        }
+        if let Some(at) = batch
+            .iter()
+            .position(|e| Some(e.name.as_str()) == self.reject_name)
+        {
+            self.inner.send(&batch[..at]).await?;
+            return Err(BatchError {
+                at,
+                error: SinkError::Permanent("message too large".into()),
+            });
+        }
+        self.inner.send(batch).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retryable_errors_are_retried_and_nothing_is_lost() {
+    let s = start_sim(sim_config(6, 5)).await;
+    let (inner, out) = capture();
+    let sink = Arc::new(Faulty {
+        inner,
+        fail_first: 4,
+        reject_name: None,
+        calls: AtomicUsize::new(0),
+    });
+    let summary = run_until_acked(
+        &s.sim,
+        bridge_config(&s.url),
+        vec![sink],
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    assert!(s.sim.all_acked());
+    assert!(summary.retries >= 4, "{summary:?}");
+    assert_complete(&s.sim, &out.lines());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_rejection_keeps_its_notification_unacknowledged() {
+    let s = start_sim(sim_config(5, 3)).await;
+    let (inner, out) = capture();
+    let sink = Arc::new(Faulty {
+        inner,
+        fail_first: 0,
+        reject_name: Some("build_started"),
+        calls: AtomicUsize::new(0),
+    });
+    let summary = run_until_acked(
+        &s.sim,
+        bridge_config(&s.url),
+        vec![sink],
+        Duration::from_secs(3),
+    )
+    .await
+    .unwrap();
+    let report = s.sim.report();
+    assert_eq!(summary.rejected as usize, report.builds, "{summary:?}");
+    assert_eq!(
+        report.queue.acked,
+        report.notifications - report.builds,
+        "{report:?}"
+    );
+    let acked = s.sim.acked_ids();
+    let envelopes = out.envelopes();
+    for e in &envelopes {
+        assert_ne!(
+            e["name"], "build_started",
+            "rejected envelopes are not written"
+        );
+    }
+    // Everything else went through and was acknowledged.
+    for n in &s.sim.world().notifications {
+        let delivered = envelopes.iter().any(|e| {
+            e["attributes"]["notification_id"] == n.id.as_str() && e["topic"] == "lifecycle"
+        });
+        assert_eq!(delivered, acked.contains(&n.id), "notification {}", n.id);
+    }
+}
+
+/// Holds every batch until released.
+#[derive(Debug)]
+struct Gate {
+    open: tokio::sync::Semaphore,
+    seen: AtomicUsize,
+}
+
+#[async_trait]
+impl Sink for Gate {
+    fn describe(&self) -> &str {
+        "gate"
+    }
+    async fn send(&self, batch: &[Arc<Envelope>]) -> Result<(), BatchError> {
+        self.seen.fetch_add(batch.len(), Ordering::SeqCst);
+        let _p = self.open.acquire().await.unwrap();
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_sink_stops_intake_at_max_in_flight() {
+    let gate = Arc::new(Gate {
+        open: tokio::sync::Semaphore::new(0),
+        seen: AtomicUsize::new(0),
+    });
+    let (pipeline, _workers) = Pipeline::start(vec![gate.clone()], 8, 4);
+    let producer = {
+        let pipeline = pipeline.clone();
+        tokio::spawn(async move {
+            let tracker = pipeline.tracker();
+            for i in 0..20 {
+                pipeline.submit(&tracker, envelope(i)).await;
+            }
+            tracker.finish().await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        pipeline.stats().submitted.load(Ordering::SeqCst),
+        8,
+        "intake stops at the bound"
+    );
+    assert_eq!(pipeline.in_flight(), 8);
+    assert!(!producer.is_finished());
+    gate.open.add_permits(1000);
+    producer.await.unwrap().expect("all confirmed");
+    assert_eq!(gate.seen.load(Ordering::SeqCst), 20);
+    assert_eq!(pipeline.in_flight(), 0);
+}
+
+fn envelope(i: usize) -> Envelope {
+    Envelope::new(evbridge::sinks::Event {
+        id: format!("e{i}"),
+        name: "test".into(),
+        namespace: "default".into(),
+        timestamp: "2026-11-25T00:00:00Z".into(),
+        version: 1,
+        topic: "t".into(),
+        key: "k".into(),
+        attributes: Default::default(),
+        payload: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+    })
+}
