@@ -10,33 +10,37 @@ use url::Url;
 use crate::OpenError;
 
 /// Names whose values are secrets wherever they appear in a URL query.
-const SECRET_WORDS: [&str; 6] = ["password", "passwd", "secret", "token", "key", "sasl"];
+const SECRET_WORDS: [&str; 7] = [
+    "password",
+    "passwd",
+    "secret",
+    "token",
+    "key.pem",
+    "oauthbearer.config",
+    "credential",
+];
 
 /// The URL with its password and secret-looking query values replaced by
-/// `***`, for logs and errors.
+/// `***`, for logs and errors. Works on text that is not a valid URL too.
 pub fn redact(raw: &str) -> String {
-    let Ok(mut url) = Url::parse(raw) else {
-        // Not parseable: still hide anything between `:` and `@`.
-        return redact_userinfo(raw);
+    let (base, query) = match raw.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (raw, None),
     };
-    if url.password().is_some() {
-        let _ = url.set_password(Some("***"));
+    let mut out = redact_userinfo(base);
+    if let Some(q) = query {
+        let pairs = url::form_urlencoded::parse(q.as_bytes()).map(|(k, v)| {
+            let lower = k.to_ascii_lowercase();
+            let secret = SECRET_WORDS.iter().any(|w| lower.contains(w));
+            (k.into_owned(), if secret { "***".into() } else { v.into_owned() })
+        });
+        let encoded = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(pairs)
+            .finish();
+        out.push('?');
+        out.push_str(&encoded);
     }
-    if url.query().is_some() {
-        let pairs: Vec<(String, String)> = url
-            .query_pairs()
-            .map(|(k, v)| {
-                let lower = k.to_ascii_lowercase();
-                let secret = SECRET_WORDS.iter().any(|w| lower.contains(w));
-                (
-                    k.into_owned(),
-                    if secret { "***".into() } else { v.into_owned() },
-                )
-            })
-            .collect();
-        url.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    url.to_string()
+    out
 }
 
 fn redact_userinfo(raw: &str) -> String {
@@ -184,6 +188,7 @@ mod tests {
             ),
             ("stdout://", "stdout://"),
             ("not a url user:hunter2@x", "not a url user:hunter2@x"),
+            ("kafka://u:hunter2@b1:1,b2:2/t?rdkafka.ssl.key.password=hunter2", "kafka://u:***@b1:1,b2:2/t?rdkafka.ssl.key.password=***"),
             ("bad://user:hunter2@[::1/x", "bad://user:***@[::1/x"),
         ];
         for (input, want) in cases {

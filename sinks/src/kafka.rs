@@ -1,0 +1,442 @@
+//! `kafka://HOST:PORT[,HOST:PORT…]/TOPIC`: records on Kafka topics through
+//! librdkafka, each envelope counted as delivered only on its delivery
+//! report.
+//!
+//! The record value is the envelope JSON (a superset of AccelByte's event),
+//! the key keeps each invocation's events in one partition by default, and
+//! headers carry `id`, `name`, `namespace`, `topic` and `content-type`.
+//! Idempotence is on by default, so retries neither duplicate nor reorder
+//! within a partition.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+
+use crate::template::Template;
+use crate::{BatchError, Envelope, OpenError, Options, Sink, SinkError};
+
+/// Options a `kafka://` URL takes.
+const ACCEPTED: &[&str] = &[
+    "prefix",
+    "key",
+    "acks",
+    "compression",
+    "idempotence",
+    "rdkafka.<librdkafka property>",
+];
+/// librdkafka properties whose values are secrets.
+const SECRET_PROPERTIES: &[&str] = &[
+    "sasl.password",
+    "ssl.key.password",
+    "ssl.key.pem",
+    "ssl.keystore.password",
+    "sasl.oauthbearer.client.secret",
+    "sasl.oauthbearer.config",
+];
+
+#[derive(Debug, Clone)]
+enum Key {
+    Field(Template),
+    None,
+}
+
+/// Publishes envelopes to Kafka.
+pub struct KafkaSink {
+    config: ClientConfig,
+    producer: RwLock<Arc<FutureProducer>>,
+    topic: Template,
+    prefix: Option<String>,
+    key: Key,
+    shown: String,
+}
+
+impl std::fmt::Debug for KafkaSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSink").field("url", &self.shown).finish()
+    }
+}
+
+fn topic_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+/// Splits `kafka://[user:pass@]b1:9092,b2:9092/TOPIC?query` by hand: the
+/// `url` crate refuses a comma-separated broker list as an authority.
+fn split(raw: &str) -> Result<(Option<(String, String)>, Vec<String>, String, String), String> {
+    let rest = raw
+        .strip_prefix("kafka://")
+        .ok_or("expected kafka://HOST:PORT[,HOST:PORT...]/TOPIC")?;
+    let (main, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (authority, path) = main.split_once('/').unwrap_or((main, ""));
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let credentials = match userinfo {
+        None => None,
+        Some(u) => {
+            let (user, pass) = u.split_once(':').unwrap_or((u, ""));
+            let decode = |s: &str| {
+                url::form_urlencoded::parse(format!("x={s}").as_bytes())
+                    .next()
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap_or_default()
+            };
+            Some((decode(user), decode(pass)))
+        }
+    };
+    let mut brokers = Vec::new();
+    for b in hosts.split(',') {
+        let (host, port) = b
+            .rsplit_once(':')
+            .ok_or_else(|| format!("broker `{b}` needs a port (HOST:PORT)"))?;
+        let host_ok = !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".-_[]:".contains(c));
+        if !host_ok {
+            return Err(format!("broker `{b}` has a bad host"));
+        }
+        if port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(format!("broker `{b}` has a bad port `{port}`"));
+        }
+        brokers.push(b.to_string());
+    }
+    let topic = url::form_urlencoded::parse(format!("x={path}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    Ok((credentials, brokers, topic, query.to_string()))
+}
+
+/// Parses a `kafka://` URL and creates the producer (no connection yet:
+/// librdkafka connects in the background; see [`Sink::healthcheck`]).
+pub fn open(raw: &str) -> Result<KafkaSink, OpenError> {
+    let shown = crate::redact(raw);
+    let invalid = |reason: String| OpenError::Invalid {
+        url: shown.clone(),
+        reason: format!(
+            "{reason}; accepted form: kafka://HOST:PORT[,HOST:PORT...]/TOPIC[?{}]",
+            ACCEPTED.join("&")
+        ),
+    };
+    let (credentials, brokers, topic, query) = split(raw).map_err(invalid)?;
+    let query_url = url::Url::parse(&format!("kafka://x/?{query}")).map_err(|e| invalid(e.to_string()))?;
+    let mut opts = Options::new(&query_url)?;
+    let fail = |reason: String| OpenError::Invalid {
+        url: shown.clone(),
+        reason,
+    };
+
+    let topic = Template::parse(if topic.is_empty() { "{topic}" } else { &topic }).map_err(fail)?;
+    if topic.is_constant() {
+        let t = topic.render(&crate::envelope::placeholder(), |_| true);
+        if !t.chars().all(topic_char) || t.len() > 249 {
+            return Err(fail(format!(
+                "topic `{t}` is not a valid Kafka topic name (letters, digits, `.`, `_`, `-`; at most 249)"
+            )));
+        }
+    }
+    let prefix = opts.take("prefix");
+    if let Some(p) = &prefix
+        && (p.is_empty() || !p.chars().all(topic_char))
+    {
+        return Err(fail(format!("option `prefix={p}` is not a valid topic prefix")));
+    }
+    let key = match opts.take("key").as_deref() {
+        None => Key::Field(Template::parse("{key}").expect("valid")),
+        Some("none") => Key::None,
+        Some("id") => Key::Field(Template::parse("{id}").expect("valid")),
+        Some("invocation") => Key::Field(Template::parse("{attr.invocation_id}").expect("valid")),
+        Some("build") => Key::Field(Template::parse("{attr.build_id}").expect("valid")),
+        Some(t) if t.contains('{') => Key::Field(Template::parse(t).map_err(fail)?),
+        Some(t) => {
+            return Err(fail(format!(
+                "option `key={t}` is not one of: id, invocation, build, none, or a template such as {{namespace}}.{{key}}"
+            )));
+        }
+    };
+    let acks = opts
+        .choice("acks", &["all", "-1", "1", "0"])?
+        .unwrap_or_else(|| "all".into());
+    let compression = opts
+        .choice("compression", &["none", "gzip", "snappy", "lz4", "zstd"])?
+        .unwrap_or_else(|| "none".into());
+    let idempotence = opts.flag("idempotence")?;
+    let all_acks = matches!(acks.as_str(), "all" | "-1");
+    if idempotence == Some(true) && !all_acks {
+        return Err(fail("idempotence=true needs acks=all".into()));
+    }
+
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers.join(","))
+        .set("client.id", "evbridge")
+        .set("acks", &acks)
+        .set("compression.type", &compression)
+        .set("enable.idempotence", idempotence.unwrap_or(all_acks).to_string())
+        // Fail a delivery (which the pipeline then retries) rather than
+        // wait librdkafka's default five minutes with a broker down.
+        .set("message.timeout.ms", "30000")
+        .set("linger.ms", "5");
+    if let Some((user, pass)) = &credentials {
+        config
+            .set("security.protocol", "sasl_plaintext")
+            .set("sasl.mechanism", "PLAIN")
+            .set("sasl.username", user)
+            .set("sasl.password", pass);
+    }
+    let mut secrets: Vec<String> = credentials.iter().map(|(_, p)| p.clone()).collect();
+    for (k, v) in opts.take_prefixed("rdkafka.") {
+        if SECRET_PROPERTIES.contains(&k.as_str()) {
+            secrets.push(v.clone());
+        }
+        config.set(k, v);
+    }
+    opts.finish(ACCEPTED)?;
+    let producer = create(&config).map_err(|e| {
+        let fail = |reason: String| OpenError::Invalid {
+            url: shown.clone(),
+            reason,
+        };
+        let mut msg = e.to_string();
+        for s in secrets.iter().filter(|s| !s.is_empty()) {
+            msg = msg.replace(s.as_str(), "***");
+        }
+        fail(format!("librdkafka refused the configuration: {msg}"))
+    })?;
+    Ok(KafkaSink {
+        config,
+        producer: RwLock::new(Arc::new(producer)),
+        topic,
+        prefix,
+        key,
+        shown,
+    })
+}
+
+fn create(config: &ClientConfig) -> Result<FutureProducer, KafkaError> {
+    config.create()
+}
+
+/// Whether retrying the same record can succeed.
+fn classify(e: &KafkaError) -> SinkError {
+    use RDKafkaErrorCode as C;
+    let code = match e {
+        KafkaError::MessageProduction(c) => Some(*c),
+        _ => e.rdkafka_error_code(),
+    };
+    match code {
+        Some(
+            C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::InvalidMessage
+            | C::InvalidRecord
+            | C::InvalidTopic
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::InvalidRequiredAcks,
+        ) => SinkError::Permanent(e.to_string()),
+        _ => SinkError::Retryable(e.to_string()),
+    }
+}
+
+impl KafkaSink {
+    fn producer(&self) -> Arc<FutureProducer> {
+        self.producer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// After a librdkafka fatal error (e.g. the idempotent producer lost
+    /// its sequence) the producer is unusable: build a new one.
+    fn recover(&self, used: &Arc<FutureProducer>) {
+        let Some((code, reason)) = used.client().fatal_error() else {
+            return;
+        };
+        let mut slot = self.producer.write().unwrap_or_else(|p| p.into_inner());
+        if !Arc::ptr_eq(&slot, used) {
+            return; // someone already replaced it
+        }
+        tracing::error!(sink = %self.shown, ?code, %reason, "Kafka producer hit a fatal error; rebuilding it");
+        match create(&self.config) {
+            Ok(p) => *slot = Arc::new(p),
+            Err(e) => tracing::error!(sink = %self.shown, error = %e, "rebuilding the Kafka producer failed"),
+        }
+    }
+
+    fn topic_for(&self, env: &Envelope) -> String {
+        let topic = self.topic.render(env, topic_char);
+        match &self.prefix {
+            Some(p) => format!("{p}.{topic}"),
+            None => topic,
+        }
+    }
+
+    fn key_for(&self, env: &Envelope) -> Option<String> {
+        match &self.key {
+            Key::None => None,
+            Key::Field(t) => Some(t.render(env, |_| true)),
+        }
+    }
+}
+
+fn headers(env: &Envelope) -> OwnedHeaders {
+    fn h<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a [u8]> {
+        Header {
+            key,
+            value: Some(value.as_bytes()),
+        }
+    }
+    OwnedHeaders::new_with_capacity(5)
+        .insert(h("id", &env.id))
+        .insert(h("name", &env.name))
+        .insert(h("namespace", &env.namespace))
+        .insert(h("topic", &env.topic))
+        .insert(h("content-type", "application/json"))
+}
+
+#[async_trait]
+impl Sink for KafkaSink {
+    fn describe(&self) -> &str {
+        &self.shown
+    }
+
+    async fn send(&self, batch: &[Arc<Envelope>]) -> Result<(), BatchError> {
+        let producer = self.producer();
+        let mut pending = Vec::with_capacity(batch.len());
+        let mut enqueue_error = None;
+        for (i, env) in batch.iter().enumerate() {
+            let topic = self.topic_for(env);
+            let key = self.key_for(env);
+            let mut record = FutureRecord::to(&topic)
+                .payload(env.json().as_ref())
+                .headers(headers(env));
+            if let Some(k) = &key {
+                record = record.key(k.as_bytes());
+            }
+            loop {
+                match producer.send_result(record) {
+                    Ok(delivery) => {
+                        pending.push(delivery);
+                        break;
+                    }
+                    // librdkafka's queue is full: wait for deliveries.
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        record = r;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    Err((e, _)) => {
+                        enqueue_error = Some((i, classify(&e)));
+                        break;
+                    }
+                }
+            }
+            if enqueue_error.is_some() {
+                break;
+            }
+        }
+        // Wait for every report, so a retry does not race records still in
+        // flight; the first failure decides where the batch stopped.
+        let mut first_failure: Option<(usize, SinkError)> = None;
+        for (i, delivery) in pending.into_iter().enumerate() {
+            let outcome = match delivery.await {
+                Ok(Ok(_)) => continue,
+                Ok(Err((e, _))) => classify(&e),
+                Err(_) => SinkError::Retryable("the producer was dropped".into()),
+            };
+            first_failure.get_or_insert((i, outcome));
+        }
+        if let Some((at, error)) = first_failure.or(enqueue_error) {
+            self.recover(&producer);
+            return Err(BatchError { at, error });
+        }
+        Ok(())
+    }
+
+    async fn healthcheck(&self) -> Result<(), SinkError> {
+        let producer = self.producer();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, Timeout::After(Duration::from_secs(5)))
+                .map(|_| ())
+                .map_err(|e| SinkError::Retryable(format!("Kafka metadata: {e}")))
+        })
+        .await
+        .map_err(|e| SinkError::Retryable(e.to_string()))?
+    }
+
+    async fn flush(&self) -> Result<(), SinkError> {
+        let producer = self.producer();
+        tokio::task::spawn_blocking(move || producer.flush(Timeout::After(Duration::from_secs(30))))
+            .await
+            .map_err(|e| SinkError::Retryable(e.to_string()))?
+            .map_err(|e| SinkError::Retryable(format!("Kafka flush: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_forms() {
+        let ok = [
+            ("kafka://127.0.0.1:9092/events", "kafka://127.0.0.1:9092/events"),
+            ("kafka://b1:9092,b2:9093/events", "kafka://b1:9092,b2:9093/events"),
+            ("kafka://b1:9092", "kafka://b1:9092"),
+            ("kafka://b1:9092/{topic}?prefix=ci", "kafka://b1:9092/{topic}?prefix=ci"),
+            ("kafka://b:1/t?key=invocation&acks=1&compression=zstd", "kafka://b:1/t?key=invocation&acks=1&compression=zstd"),
+            ("kafka://b:1/t?rdkafka.linger.ms=20", "kafka://b:1/t?rdkafka.linger.ms=20"),
+            ("kafka://u:hunter2@b:1/t?rdkafka.sasl.mechanism=PLAIN", "kafka://u:***@b:1/t?rdkafka.sasl.mechanism=PLAIN"),
+        ];
+        for (url, shown) in ok {
+            let sink = open(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(sink.describe(), shown, "{url}");
+        }
+        let bad: &[(&str, &[&str])] = &[
+            ("kafka://b1/t", &["needs a port", "kafka://HOST:PORT"]),
+            ("kafka://b1:x/t", &["bad port `x`"]),
+            ("kafka://b1:9092,/t", &["broker `` needs a port"]),
+            ("kafka://b:1/bad topic", &["not a valid Kafka topic"]),
+            ("kafka://b:1/{nope}", &["unknown placeholder"]),
+            ("kafka://b:1/t?key=wat", &["key=wat", "invocation"]),
+            ("kafka://b:1/t?acks=2", &["acks=2", "all, -1, 1, 0"]),
+            ("kafka://b:1/t?compression=brotli", &["compression=brotli"]),
+            ("kafka://b:1/t?acks=1&idempotence=true", &["needs acks=all"]),
+            ("kafka://b:1/t?colour=red", &["unknown option `colour`", "prefix"]),
+            ("kafka://b:1/t?prefix=a/b", &["prefix=a/b"]),
+            ("kafka://b:1/t?rdkafka.no.such.thing=1", &["librdkafka refused", "no.such.thing"]),
+            ("kafka://u:hunter2@b:1/t?rdkafka.sasl.mechanism=BOGUS", &["librdkafka refused"]),
+        ];
+        for (url, parts) in bad {
+            let e = open(url).expect_err(url).to_string();
+            for p in *parts {
+                assert!(e.contains(p), "{url}: `{e}` lacks `{p}`");
+            }
+            assert!(!e.contains("hunter2"), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn topics_keys_and_prefix() {
+        let sink = open("kafka://b:1/{namespace}.{topic}?prefix=acc&key=build").unwrap();
+        let env = crate::test_envelope("id1");
+        assert_eq!(sink.topic_for(&env), "acc.default.lifecycle");
+        assert_eq!(sink.key_for(&env).as_deref(), Some("none"));
+        let sink = open("kafka://b:1/fixed?key=none").unwrap();
+        assert_eq!(sink.topic_for(&env), "fixed");
+        assert_eq!(sink.key_for(&env), None);
+        let sink = open("kafka://b:1").unwrap();
+        assert_eq!(sink.topic_for(&env), "lifecycle");
+        assert_eq!(sink.key_for(&env).as_deref(), Some("id1"));
+    }
+}

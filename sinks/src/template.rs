@@ -1,0 +1,125 @@
+//! Per-envelope names from templates such as `{namespace}.{name}`: Kafka
+//! topics, record keys and (later) routing keys.
+
+use crate::Envelope;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Text(String),
+    Topic,
+    Namespace,
+    Name,
+    Key,
+    Id,
+    Attr(String),
+}
+
+/// A parsed template; rendering never fails.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+/// Placeholders a template may use, for error messages.
+pub const PLACEHOLDERS: &str = "{topic}, {namespace}, {name}, {key}, {id}, {attr.NAME}";
+
+impl Template {
+    /// Parses `text`; an unknown or unclosed placeholder is an error that
+    /// lists the accepted ones.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Text(rest[..open].to_string()));
+            }
+            let after = &rest[open + 1..];
+            let close = after
+                .find('}')
+                .ok_or_else(|| format!("template `{text}` has an unclosed `{{`"))?;
+            let name = &after[..close];
+            parts.push(match name {
+                "topic" => Part::Topic,
+                "namespace" => Part::Namespace,
+                "name" => Part::Name,
+                "key" => Part::Key,
+                "id" => Part::Id,
+                n if n.starts_with("attr.") && n.len() > 5 => Part::Attr(n[5..].to_string()),
+                n => {
+                    return Err(format!(
+                        "template `{text}` uses unknown placeholder `{{{n}}}`; accepted: {PLACEHOLDERS}"
+                    ));
+                }
+            });
+            rest = &after[close + 1..];
+        }
+        if rest.contains('}') {
+            return Err(format!("template `{text}` has a `}}` without `{{`"));
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Text(rest.to_string()));
+        }
+        Ok(Template { parts })
+    }
+
+    /// True when the template has no placeholders.
+    pub fn is_constant(&self) -> bool {
+        self.parts.iter().all(|p| matches!(p, Part::Text(_)))
+    }
+
+    /// The template filled in from `env` (a missing attribute renders as
+    /// `none`), with every character `keep` refuses replaced by `_`.
+    pub fn render(&self, env: &Envelope, keep: impl Fn(char) -> bool) -> String {
+        let mut out = String::new();
+        for part in &self.parts {
+            let value = match part {
+                Part::Text(t) => {
+                    out.push_str(t);
+                    continue;
+                }
+                Part::Topic => env.topic.as_str(),
+                Part::Namespace => env.namespace.as_str(),
+                Part::Name => env.name.as_str(),
+                Part::Key => env.key.as_str(),
+                Part::Id => env.id.as_str(),
+                Part::Attr(a) => env.attributes.get(a).map_or("none", String::as_str),
+            };
+            out.extend(value.chars().map(|c| if keep(c) { c } else { '_' }));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_envelope;
+
+    #[test]
+    fn renders_and_sanitizes_values_only() {
+        let mut env = test_envelope("abc");
+        let mut event = env.event().clone();
+        event.namespace = "team/a b".into();
+        event.attributes.insert("command_name".into(), "test".into());
+        env = Envelope::new(event);
+        let t = Template::parse("ci.{namespace}.{name}-{attr.command_name}.{attr.missing}").unwrap();
+        let kafka_ok = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
+        assert_eq!(t.render(&env, kafka_ok), "ci.team_a_b.test-test.none");
+        assert!(!t.is_constant());
+        assert!(Template::parse("plain").unwrap().is_constant());
+    }
+
+    #[test]
+    fn bad_templates_say_what_is_accepted() {
+        for (t, want) in [
+            ("{nope}", "unknown placeholder `{nope}`"),
+            ("a{name", "unclosed"),
+            ("a}b", "without"),
+            ("{attr.}", "unknown placeholder"),
+        ] {
+            let e = Template::parse(t).unwrap_err();
+            assert!(e.contains(want), "{t}: {e}");
+        }
+        assert!(Template::parse("{x}").unwrap_err().contains(PLACEHOLDERS));
+    }
+}
