@@ -10,6 +10,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use evbridge_sinks::{Envelope, Sink};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
@@ -224,7 +225,8 @@ async fn worker(
 ) {
     let mut items = Vec::with_capacity(max_batch);
     let mut envelopes = Vec::with_capacity(max_batch);
-    let mut backoff = Backoff::default();
+    // Short ceiling: a broker that comes back should see traffic soon.
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     while rx.recv_many(&mut items, max_batch).await > 0 {
         envelopes.extend(items.iter().map(|i| i.envelope.clone()));
         let mut start = 0;

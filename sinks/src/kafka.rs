@@ -225,14 +225,35 @@ fn create(config: &ClientConfig) -> Result<FutureProducer, KafkaError> {
     config.create()
 }
 
+fn code_of(e: &KafkaError) -> Option<RDKafkaErrorCode> {
+    match e {
+        KafkaError::MessageProduction(c) => Some(*c),
+        _ => e.rdkafka_error_code(),
+    }
+}
+
+/// Errors after which this producer's idempotence state is spoiled (seen
+/// with tansu after message timeouts: every later send is fenced), so only
+/// a new producer with a new producer id can make progress.
+fn spoils_producer(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code_of(e),
+        Some(
+            C::ProducerFenced
+                | C::InvalidProducerEpoch
+                | C::OutOfOrderSequenceNumber
+                | C::UnknownProducerId
+                | C::InvalidProducerIdMapping
+                | C::Fatal
+        )
+    )
+}
+
 /// Whether retrying the same record can succeed.
 fn classify(e: &KafkaError) -> SinkError {
     use RDKafkaErrorCode as C;
-    let code = match e {
-        KafkaError::MessageProduction(c) => Some(*c),
-        _ => e.rdkafka_error_code(),
-    };
-    match code {
+    match code_of(e) {
         Some(
             C::MessageSizeTooLarge
             | C::InvalidMessageSize
@@ -255,11 +276,14 @@ impl KafkaSink {
             .clone()
     }
 
-    /// After a librdkafka fatal error (e.g. the idempotent producer lost
-    /// its sequence) the producer is unusable: build a new one.
-    fn recover(&self, used: &Arc<FutureProducer>) {
-        let Some((code, reason)) = used.client().fatal_error() else {
-            return;
+    /// After a librdkafka fatal error, or an error that spoils the
+    /// idempotent producer's state, the producer is unusable: build a new
+    /// one (the failed records are retried on it by the pipeline).
+    fn recover(&self, used: &Arc<FutureProducer>, spoiled: bool) {
+        let (code, reason) = match used.client().fatal_error() {
+            Some((code, reason)) => (code, reason),
+            None if spoiled => (RDKafkaErrorCode::Fatal, "producer state spoiled".to_string()),
+            None => return,
         };
         let mut slot = self.producer.write().unwrap_or_else(|p| p.into_inner());
         if !Arc::ptr_eq(&slot, used) {
@@ -346,16 +370,20 @@ impl Sink for KafkaSink {
         // Wait for every report, so a retry does not race records still in
         // flight; the first failure decides where the batch stopped.
         let mut first_failure: Option<(usize, SinkError)> = None;
+        let mut spoiled = false;
         for (i, delivery) in pending.into_iter().enumerate() {
             let outcome = match delivery.await {
                 Ok(Ok(_)) => continue,
-                Ok(Err((e, _))) => classify(&e),
+                Ok(Err((e, _))) => {
+                    spoiled |= spoils_producer(&e);
+                    classify(&e)
+                }
                 Err(_) => SinkError::Retryable("the producer was dropped".into()),
             };
             first_failure.get_or_insert((i, outcome));
         }
         if let Some((at, error)) = first_failure.or(enqueue_error) {
-            self.recover(&producer);
+            self.recover(&producer, spoiled);
             return Err(BatchError { at, error });
         }
         Ok(())

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod brokers;
+
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};

