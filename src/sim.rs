@@ -39,6 +39,8 @@ pub struct SimConfig {
     pub max_unacked_per_reader: usize,
     /// Notifications released per second; 0 releases all at start.
     pub rate: f64,
+    /// Release nothing by itself: the caller releases with [`Sim::release`].
+    pub hold: bool,
     /// Overrides every reader's acknowledgement window (fault injection:
     /// a short window makes slow acks late).
     pub ack_window_override: Option<Duration>,
@@ -54,6 +56,7 @@ impl Default for SimConfig {
             drop_event_stream_every: 0,
             max_unacked_per_reader: 1000,
             rate: 0.0,
+            hold: false,
             ack_window_override: None,
         }
     }
@@ -113,7 +116,7 @@ impl Sim {
     pub fn new(cfg: SimConfig) -> Arc<Self> {
         let world = generate(&cfg.gen_config);
         let queue = Queue::new(world.notifications.clone());
-        if cfg.rate <= 0.0 {
+        if cfg.rate <= 0.0 && !cfg.hold {
             queue.release(usize::MAX);
         }
         Arc::new(Sim {
@@ -127,6 +130,12 @@ impl Sim {
     /// What the cluster holds.
     pub fn world(&self) -> &World {
         &self.world
+    }
+
+    /// Makes the next `n` notifications visible (for tests that pace the
+    /// cluster themselves); returns how many are released in all.
+    pub fn release(&self, n: usize) -> usize {
+        self.queue.release(n)
     }
 
     /// Ids of the notifications acknowledged so far.
@@ -182,7 +191,7 @@ impl Sim {
 
     /// Releases notifications at the configured rate until all are out.
     async fn release_loop(self: Arc<Self>, mut shutdown: Shutdown) {
-        if self.cfg.rate <= 0.0 {
+        if self.cfg.rate <= 0.0 || self.cfg.hold {
             return;
         }
         let start = tokio::time::Instant::now();

@@ -95,7 +95,7 @@ impl Queue {
     pub fn release(&self, n: usize) -> usize {
         let mut s = self.lock();
         let from = s.stats.released;
-        let to = (from + n).min(s.notifications.len());
+        let to = from.saturating_add(n).min(s.notifications.len());
         s.visible.extend(from..to);
         s.stats.released = to;
         drop(s);

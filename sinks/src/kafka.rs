@@ -53,12 +53,15 @@ pub struct KafkaSink {
     topic: Template,
     prefix: Option<String>,
     key: Key,
+    idempotent: bool,
     shown: String,
 }
 
 impl std::fmt::Debug for KafkaSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KafkaSink").field("url", &self.shown).finish()
+        f.debug_struct("KafkaSink")
+            .field("url", &self.shown)
+            .finish()
     }
 }
 
@@ -68,7 +71,10 @@ fn topic_char(c: char) -> bool {
 
 /// Splits `kafka://[user:pass@]b1:9092,b2:9092/TOPIC?query` by hand: the
 /// `url` crate refuses a comma-separated broker list as an authority.
-fn split(raw: &str) -> Result<(Option<(String, String)>, Vec<String>, String, String), String> {
+/// User and password, brokers, topic, query.
+type Parts = (Option<(String, String)>, Vec<String>, String, String);
+
+fn split(raw: &str) -> Result<Parts, String> {
     let rest = raw
         .strip_prefix("kafka://")
         .ok_or("expected kafka://HOST:PORT[,HOST:PORT...]/TOPIC")?;
@@ -127,7 +133,8 @@ pub fn open(raw: &str) -> Result<KafkaSink, OpenError> {
         ),
     };
     let (credentials, brokers, topic, query) = split(raw).map_err(invalid)?;
-    let query_url = url::Url::parse(&format!("kafka://x/?{query}")).map_err(|e| invalid(e.to_string()))?;
+    let query_url =
+        url::Url::parse(&format!("kafka://x/?{query}")).map_err(|e| invalid(e.to_string()))?;
     let mut opts = Options::new(&query_url)?;
     let fail = |reason: String| OpenError::Invalid {
         url: shown.clone(),
@@ -147,7 +154,9 @@ pub fn open(raw: &str) -> Result<KafkaSink, OpenError> {
     if let Some(p) = &prefix
         && (p.is_empty() || !p.chars().all(topic_char))
     {
-        return Err(fail(format!("option `prefix={p}` is not a valid topic prefix")));
+        return Err(fail(format!(
+            "option `prefix={p}` is not a valid topic prefix"
+        )));
     }
     let key = match opts.take("key").as_deref() {
         None => Key::Field(Template::parse("{key}").expect("valid")),
@@ -180,7 +189,10 @@ pub fn open(raw: &str) -> Result<KafkaSink, OpenError> {
         .set("client.id", "evbridge")
         .set("acks", &acks)
         .set("compression.type", &compression)
-        .set("enable.idempotence", idempotence.unwrap_or(all_acks).to_string())
+        .set(
+            "enable.idempotence",
+            idempotence.unwrap_or(all_acks).to_string(),
+        )
         // Fail a delivery (which the pipeline then retries) rather than
         // wait librdkafka's default five minutes with a broker down.
         .set("message.timeout.ms", "30000")
@@ -212,6 +224,7 @@ pub fn open(raw: &str) -> Result<KafkaSink, OpenError> {
         fail(format!("librdkafka refused the configuration: {msg}"))
     })?;
     Ok(KafkaSink {
+        idempotent: config.get("enable.idempotence") == Some("true"),
         config,
         producer: RwLock::new(Arc::new(producer)),
         topic,
@@ -280,19 +293,28 @@ impl KafkaSink {
     /// idempotent producer's state, the producer is unusable: build a new
     /// one (the failed records are retried on it by the pipeline).
     fn recover(&self, used: &Arc<FutureProducer>, spoiled: bool) {
-        let (code, reason) = match used.client().fatal_error() {
-            Some((code, reason)) => (code, reason),
-            None if spoiled => (RDKafkaErrorCode::Fatal, "producer state spoiled".to_string()),
-            None => return,
-        };
+        let fatal = used.client().fatal_error();
+        if fatal.is_none() && !spoiled {
+            return;
+        }
         let mut slot = self.producer.write().unwrap_or_else(|p| p.into_inner());
         if !Arc::ptr_eq(&slot, used) {
             return; // someone already replaced it
         }
-        tracing::error!(sink = %self.shown, ?code, %reason, "Kafka producer hit a fatal error; rebuilding it");
+        match &fatal {
+            Some((code, reason)) => {
+                tracing::error!(sink = %self.shown, ?code, %reason, "Kafka producer hit a fatal error; rebuilding it")
+            }
+            None => tracing::warn!(
+                sink = %self.shown,
+                "Kafka deliveries timed out or were fenced; rebuilding the producer"
+            ),
+        }
         match create(&self.config) {
             Ok(p) => *slot = Arc::new(p),
-            Err(e) => tracing::error!(sink = %self.shown, error = %e, "rebuilding the Kafka producer failed"),
+            Err(e) => {
+                tracing::error!(sink = %self.shown, error = %e, "rebuilding the Kafka producer failed")
+            }
         }
     }
 
@@ -375,7 +397,11 @@ impl Sink for KafkaSink {
             let outcome = match delivery.await {
                 Ok(Ok(_)) => continue,
                 Ok(Err((e, _))) => {
-                    spoiled |= spoils_producer(&e);
+                    // An idempotent producer whose records timed out may
+                    // keep waiting on a producer id the restarted broker
+                    // no longer knows (seen with tansu): start afresh.
+                    let timed_out = code_of(&e) == Some(RDKafkaErrorCode::MessageTimedOut);
+                    spoiled |= spoils_producer(&e) || (timed_out && self.idempotent);
                     classify(&e)
                 }
                 Err(_) => SinkError::Retryable("the producer was dropped".into()),
@@ -418,13 +444,31 @@ mod tests {
     #[test]
     fn url_forms() {
         let ok = [
-            ("kafka://127.0.0.1:9092/events", "kafka://127.0.0.1:9092/events"),
-            ("kafka://b1:9092,b2:9093/events", "kafka://b1:9092,b2:9093/events"),
+            (
+                "kafka://127.0.0.1:9092/events",
+                "kafka://127.0.0.1:9092/events",
+            ),
+            (
+                "kafka://b1:9092,b2:9093/events",
+                "kafka://b1:9092,b2:9093/events",
+            ),
             ("kafka://b1:9092", "kafka://b1:9092"),
-            ("kafka://b1:9092/{topic}?prefix=ci", "kafka://b1:9092/{topic}?prefix=ci"),
-            ("kafka://b:1/t?key=invocation&acks=1&compression=zstd", "kafka://b:1/t?key=invocation&acks=1&compression=zstd"),
-            ("kafka://b:1/t?rdkafka.linger.ms=20", "kafka://b:1/t?rdkafka.linger.ms=20"),
-            ("kafka://u:hunter2@b:1/t?rdkafka.sasl.mechanism=PLAIN", "kafka://u:***@b:1/t?rdkafka.sasl.mechanism=PLAIN"),
+            (
+                "kafka://b1:9092/{topic}?prefix=ci",
+                "kafka://b1:9092/{topic}?prefix=ci",
+            ),
+            (
+                "kafka://b:1/t?key=invocation&acks=1&compression=zstd",
+                "kafka://b:1/t?key=invocation&acks=1&compression=zstd",
+            ),
+            (
+                "kafka://b:1/t?rdkafka.linger.ms=20",
+                "kafka://b:1/t?rdkafka.linger.ms=20",
+            ),
+            (
+                "kafka://u:hunter2@b:1/t?rdkafka.sasl.mechanism=PLAIN",
+                "kafka://u:***@b:1/t?rdkafka.sasl.mechanism=PLAIN",
+            ),
         ];
         for (url, shown) in ok {
             let sink = open(url).unwrap_or_else(|e| panic!("{url}: {e}"));
@@ -440,10 +484,19 @@ mod tests {
             ("kafka://b:1/t?acks=2", &["acks=2", "all, -1, 1, 0"]),
             ("kafka://b:1/t?compression=brotli", &["compression=brotli"]),
             ("kafka://b:1/t?acks=1&idempotence=true", &["needs acks=all"]),
-            ("kafka://b:1/t?colour=red", &["unknown option `colour`", "prefix"]),
+            (
+                "kafka://b:1/t?colour=red",
+                &["unknown option `colour`", "prefix"],
+            ),
             ("kafka://b:1/t?prefix=a/b", &["prefix=a/b"]),
-            ("kafka://b:1/t?rdkafka.no.such.thing=1", &["librdkafka refused", "no.such.thing"]),
-            ("kafka://u:hunter2@b:1/t?rdkafka.sasl.mechanism=BOGUS", &["librdkafka refused"]),
+            (
+                "kafka://b:1/t?rdkafka.no.such.thing=1",
+                &["librdkafka refused", "no.such.thing"],
+            ),
+            (
+                "kafka://u:hunter2@b:1/t?rdkafka.sasl.mechanism=BOGUS",
+                &["librdkafka refused"],
+            ),
         ];
         for (url, parts) in bad {
             let e = open(url).expect_err(url).to_string();

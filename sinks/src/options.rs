@@ -32,7 +32,10 @@ pub fn redact(raw: &str) -> String {
         let pairs = url::form_urlencoded::parse(q.as_bytes()).map(|(k, v)| {
             let lower = k.to_ascii_lowercase();
             let secret = SECRET_WORDS.iter().any(|w| lower.contains(w));
-            (k.into_owned(), if secret { "***".into() } else { v.into_owned() })
+            (
+                k.into_owned(),
+                if secret { "***".into() } else { v.into_owned() },
+            )
         });
         let encoded = url::form_urlencoded::Serializer::new(String::new())
             .extend_pairs(pairs)
@@ -188,7 +191,10 @@ mod tests {
             ),
             ("stdout://", "stdout://"),
             ("not a url user:hunter2@x", "not a url user:hunter2@x"),
-            ("kafka://u:hunter2@b1:1,b2:2/t?rdkafka.ssl.key.password=hunter2", "kafka://u:***@b1:1,b2:2/t?rdkafka.ssl.key.password=***"),
+            (
+                "kafka://u:hunter2@b1:1,b2:2/t?rdkafka.ssl.key.password=hunter2",
+                "kafka://u:***@b1:1,b2:2/t?rdkafka.ssl.key.password=***",
+            ),
             ("bad://user:hunter2@[::1/x", "bad://user:***@[::1/x"),
         ];
         for (input, want) in cases {

@@ -100,9 +100,12 @@ mod tests {
         let mut env = test_envelope("abc");
         let mut event = env.event().clone();
         event.namespace = "team/a b".into();
-        event.attributes.insert("command_name".into(), "test".into());
+        event
+            .attributes
+            .insert("command_name".into(), "test".into());
         env = Envelope::new(event);
-        let t = Template::parse("ci.{namespace}.{name}-{attr.command_name}.{attr.missing}").unwrap();
+        let t =
+            Template::parse("ci.{namespace}.{name}-{attr.command_name}.{attr.missing}").unwrap();
         let kafka_ok = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
         assert_eq!(t.render(&env, kafka_ok), "ci.team_a_b.test-test.none");
         assert!(!t.is_constant());

@@ -48,7 +48,10 @@ pub fn tansu_bin() -> PathBuf {
 fn wait_for_port(port: u16) {
     let start = Instant::now();
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(15), "port {port} never opened");
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "port {port} never opened"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -126,7 +129,7 @@ impl Drop for Tansu {
 pub struct Proxy {
     listen: SocketAddr,
     target: SocketAddr,
-    state: Arc<Mutex<Option<(JoinHandle<()>, Vec<JoinHandle<()>>)>>>,
+    acceptor: Arc<Mutex<Option<JoinHandle<()>>>>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
@@ -136,7 +139,7 @@ impl Proxy {
         let p = Proxy {
             listen: ([127, 0, 0, 1], listen_port).into(),
             target: ([127, 0, 0, 1], target_port).into(),
-            state: Arc::default(),
+            acceptor: Arc::default(),
             conns: Arc::default(),
         };
         p.restore().await;
@@ -163,12 +166,12 @@ impl Proxy {
                 conns.lock().unwrap().push(task);
             }
         });
-        *self.state.lock().unwrap() = Some((acceptor, Vec::new()));
+        *self.acceptor.lock().unwrap() = Some(acceptor);
     }
 
     /// Drops every connection and stops listening.
     pub fn cut(&self) {
-        if let Some((acceptor, _)) = self.state.lock().unwrap().take() {
+        if let Some(acceptor) = self.acceptor.lock().unwrap().take() {
             acceptor.abort();
         }
         for c in self.conns.lock().unwrap().drain(..) {
