@@ -9,7 +9,7 @@ use evbridge_sinks::Sink;
 use tracing::{info, warn};
 
 use crate::normalize::{Normalizer, Topics};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Limits, Pipeline};
 use crate::shutdown::Shutdown;
 use crate::source::{Source, SourceConfig, SourceError, connect};
 
@@ -20,10 +20,8 @@ pub struct BridgeConfig {
     pub source: SourceConfig,
     /// Topic names of the envelopes.
     pub topics: Topics,
-    /// Envelopes not yet confirmed by every sink, at most.
-    pub max_in_flight: usize,
-    /// Envelopes per sink call, at most.
-    pub max_batch: usize,
+    /// In-flight bound, batch size and lanes per sink.
+    pub limits: Limits,
 }
 
 impl BridgeConfig {
@@ -32,8 +30,7 @@ impl BridgeConfig {
         BridgeConfig {
             source,
             topics: Topics::default(),
-            max_in_flight: 10_000,
-            max_batch: 512,
+            limits: Limits::default(),
         }
     }
 }
@@ -63,7 +60,7 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<Summary, SourceError> {
     let (channel, auth) = connect(&cfg.source)?;
-    let (pipeline, workers) = Pipeline::start(sinks, cfg.max_in_flight, cfg.max_batch);
+    let (pipeline, workers) = Pipeline::start(sinks, cfg.limits);
     let source = Source::new(
         cfg.source,
         channel,

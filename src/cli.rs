@@ -18,6 +18,7 @@ use tracing::{error, info};
 use crate::bridge::{self, BridgeConfig};
 use crate::normalize::Topics;
 use crate::pb::es::replay_mode_options::ReplayMode;
+use crate::pipeline::Limits;
 use crate::shutdown;
 use crate::sim::{self, Sim, SimConfig};
 use crate::sim_gen::GenConfig;
@@ -134,6 +135,9 @@ struct BridgeArgs {
     /// Envelopes per sink call, at most.
     #[arg(long, value_name = "N", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
     max_batch: u64,
+    /// Batches in flight per sink (envelopes with the same key share a lane, in order).
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    sink_lanes: u64,
     /// On SIGINT/SIGTERM, how long to finish in-flight work before giving up on it.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     shutdown_timeout: f64,
@@ -345,8 +349,11 @@ fn bridge_config(args: &BridgeArgs, source: String) -> Result<BridgeConfig, Fail
         lifecycle: args.lifecycle_topic.clone(),
         build_events: args.build_events_topic.clone(),
     };
-    cfg.max_in_flight = args.max_in_flight as usize;
-    cfg.max_batch = args.max_batch as usize;
+    cfg.limits = Limits {
+        max_in_flight: args.max_in_flight as usize,
+        max_batch: args.max_batch as usize,
+        lanes: args.sink_lanes as usize,
+    };
     Ok(cfg)
 }
 

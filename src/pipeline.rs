@@ -2,11 +2,14 @@
 //! may be acknowledged: only after every envelope derived from it was
 //! confirmed by every sink.
 //!
-//! One worker per sink takes envelopes in arrival order, in batches, and
-//! retries retryable failures with backoff from the first unconfirmed
-//! envelope on, so per-invocation order survives retries. A semaphore of
-//! `max_in_flight` permits bounds envelopes not yet confirmed everywhere:
-//! a slow sink stalls the pull instead of growing memory.
+//! Each sink has a few workers ("lanes"); an envelope goes to the lane its
+//! key hashes to, so every invocation's events stay in one lane, in
+//! order, while the lanes keep several batches in flight at once. A lane
+//! takes envelopes in arrival order, in batches, and retries retryable
+//! failures with backoff from the first unconfirmed envelope on, so
+//! per-invocation order survives retries. A semaphore of `max_in_flight`
+//! permits bounds envelopes not yet confirmed everywhere: a slow sink
+//! stalls the pull instead of growing memory.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -114,9 +117,31 @@ struct Item {
     ticket: Arc<Ticket>,
 }
 
+/// Bounds of the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Envelopes not yet confirmed by every sink, at most.
+    pub max_in_flight: usize,
+    /// Envelopes per sink call, at most.
+    pub max_batch: usize,
+    /// Concurrent workers per sink (batches in flight per sink).
+    pub lanes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_in_flight: 10_000,
+            max_batch: 512,
+            lanes: 4,
+        }
+    }
+}
+
 /// The fan-out to every sink.
 pub struct Pipeline {
-    senders: Vec<mpsc::UnboundedSender<Item>>,
+    /// Per sink, one sender per lane.
+    senders: Vec<Vec<mpsc::UnboundedSender<Item>>>,
     permits: Arc<Semaphore>,
     stats: Arc<Stats>,
 }
@@ -126,29 +151,31 @@ pub struct Pipeline {
 pub struct Slot(OwnedSemaphorePermit);
 
 impl Pipeline {
-    /// Starts one worker per sink; `max_in_flight` bounds envelopes not yet
-    /// confirmed everywhere, `max_batch` the envelopes per `send`.
+    /// Starts `limits.lanes` workers per sink.
     pub fn start(
         sinks: Vec<Arc<dyn Sink>>,
-        max_in_flight: usize,
-        max_batch: usize,
+        limits: Limits,
     ) -> (Arc<Pipeline>, Vec<JoinHandle<()>>) {
         let stats = Arc::new(Stats::default());
         let mut senders = Vec::with_capacity(sinks.len());
-        let mut workers = Vec::with_capacity(sinks.len());
+        let mut workers = Vec::with_capacity(sinks.len() * limits.lanes);
         for sink in sinks {
-            let (tx, rx) = mpsc::unbounded_channel();
-            senders.push(tx);
-            workers.push(tokio::spawn(worker(
-                sink,
-                rx,
-                max_batch.max(1),
-                stats.clone(),
-            )));
+            let mut lanes = Vec::with_capacity(limits.lanes.max(1));
+            for _ in 0..limits.lanes.max(1) {
+                let (tx, rx) = mpsc::unbounded_channel();
+                lanes.push(tx);
+                workers.push(tokio::spawn(worker(
+                    sink.clone(),
+                    rx,
+                    limits.max_batch.max(1),
+                    stats.clone(),
+                )));
+            }
+            senders.push(lanes);
         }
         let pipeline = Pipeline {
             senders,
-            permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            permits: Arc::new(Semaphore::new(limits.max_in_flight.max(1))),
             stats,
         };
         (Arc::new(pipeline), workers)
@@ -205,16 +232,26 @@ impl Pipeline {
             return;
         }
         let envelope = Arc::new(envelope);
-        for tx in &self.senders {
+        let lane = lane_of(&envelope.key);
+        for lanes in &self.senders {
             let item = Item {
                 envelope: envelope.clone(),
                 ticket: ticket.clone(),
             };
+            let tx = &lanes[lane % lanes.len()];
             // A closed worker means shutdown; the envelope stays
             // unconfirmed and its notification unacknowledged.
             let _ = tx.send(item);
         }
     }
+}
+
+/// Same key, same lane: that is what keeps an invocation in order.
+fn lane_of(key: &str) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish() as usize
 }
 
 async fn worker(

@@ -58,28 +58,25 @@ fn consume(bootstrap: &str, topics: &[String], want: usize, limit: Duration) -> 
     let mut ids = HashSet::new();
     while ids.len() < want && start.elapsed() < limit {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            {
-                let mut headers = HashMap::new();
-                if let Some(h) = m.headers() {
-                    for header in h.iter() {
-                        let v = header
-                            .value
-                            .map(|v| String::from_utf8_lossy(v).into_owned());
-                        headers.insert(header.key.to_string(), v.unwrap_or_default());
-                    }
+            let mut headers = HashMap::new();
+            if let Some(h) = m.headers() {
+                for header in h.iter() {
+                    let v = header
+                        .value
+                        .map(|v| String::from_utf8_lossy(v).into_owned());
+                    headers.insert(header.key.to_string(), v.unwrap_or_default());
                 }
-                let value: Value =
-                    serde_json::from_slice(m.payload().unwrap()).expect("value is JSON");
-                ids.insert(value["id"].as_str().unwrap().to_string());
-                out.push(Rec {
-                    topic: m.topic().to_string(),
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                    headers,
-                    value,
-                });
             }
+            let value: Value = serde_json::from_slice(m.payload().unwrap()).expect("value is JSON");
+            ids.insert(value["id"].as_str().unwrap().to_string());
+            out.push(Rec {
+                topic: m.topic().to_string(),
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                headers,
+                value,
+            });
         }
     }
     out

