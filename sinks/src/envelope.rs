@@ -79,22 +79,6 @@ impl Deref for Envelope {
     }
 }
 
-/// An envelope with empty fields, for checking templates that have no
-/// placeholders.
-pub(crate) fn placeholder() -> Envelope {
-    Envelope::new(Event {
-        id: String::new(),
-        name: String::new(),
-        namespace: String::new(),
-        timestamp: String::new(),
-        version: Envelope::VERSION,
-        topic: String::new(),
-        key: String::new(),
-        attributes: BTreeMap::new(),
-        payload: RawValue::from_string("{}".into()).expect("valid JSON"),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

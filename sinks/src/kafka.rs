@@ -142,8 +142,7 @@ pub fn open(raw: &str) -> Result<KafkaSink, OpenError> {
     };
 
     let topic = Template::parse(if topic.is_empty() { "{topic}" } else { &topic }).map_err(fail)?;
-    if topic.is_constant() {
-        let t = topic.render(&crate::envelope::placeholder(), |_| true);
+    if let Some(t) = topic.constant() {
         if !t.chars().all(topic_char) || t.len() > 249 {
             return Err(fail(format!(
                 "topic `{t}` is not a valid Kafka topic name (letters, digits, `.`, `_`, `-`; at most 249)"

@@ -67,6 +67,19 @@ impl Template {
         self.parts.iter().all(|p| matches!(p, Part::Text(_)))
     }
 
+    /// The text, when the template has no placeholders.
+    pub fn constant(&self) -> Option<String> {
+        self.is_constant().then(|| {
+            self.parts
+                .iter()
+                .map(|p| match p {
+                    Part::Text(t) => t.as_str(),
+                    _ => "",
+                })
+                .collect()
+        })
+    }
+
     /// The template filled in from `env` (a missing attribute renders as
     /// `none`), with every character `keep` refuses replaced by `_`.
     pub fn render(&self, env: &Envelope, keep: impl Fn(char) -> bool) -> String {
@@ -109,7 +122,8 @@ mod tests {
         let kafka_ok = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
         assert_eq!(t.render(&env, kafka_ok), "ci.team_a_b.test-test.none");
         assert!(!t.is_constant());
-        assert!(Template::parse("plain").unwrap().is_constant());
+        assert_eq!(Template::parse("plain").unwrap().constant().as_deref(), Some("plain"));
+        assert_eq!(t.constant(), None);
     }
 
     #[test]
