@@ -60,6 +60,23 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<Summary, SourceError> {
     let (channel, auth) = connect(&cfg.source)?;
+    // Tell the operator early when a destination is not reachable; the
+    // pipeline retries regardless, so this only warns.
+    for sink in &sinks {
+        let sink = sink.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(Duration::from_secs(10), sink.healthcheck()).await {
+                Ok(Ok(())) => info!(sink = sink.describe(), "sink healthy"),
+                Ok(Err(e)) => {
+                    warn!(sink = sink.describe(), error = %e, "sink not healthy yet; deliveries will be retried")
+                }
+                Err(_) => warn!(
+                    sink = sink.describe(),
+                    "sink health check timed out; deliveries will be retried"
+                ),
+            }
+        });
+    }
     let (pipeline, workers) = Pipeline::start(sinks, cfg.limits);
     let source = Source::new(
         cfg.source,

@@ -122,7 +122,10 @@ mod tests {
         let kafka_ok = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
         assert_eq!(t.render(&env, kafka_ok), "ci.team_a_b.test-test.none");
         assert!(!t.is_constant());
-        assert_eq!(Template::parse("plain").unwrap().constant().as_deref(), Some("plain"));
+        assert_eq!(
+            Template::parse("plain").unwrap().constant().as_deref(),
+            Some("plain")
+        );
         assert_eq!(t.constant(), None);
     }
 
