@@ -72,7 +72,7 @@ pub enum OpenError {
     },
     /// A sink the project plans but this version does not have yet.
     #[error(
-        "sink scheme `{scheme}://` is not available in this version of evbridge; accepted forms now: stdout://, blackhole://, none://, kafka://"
+        "sink scheme `{scheme}://` is not available in this version of evbridge; accepted forms now: stdout://, blackhole://, none://, kafka://, amqp[s]://"
     )]
     Unavailable {
         /// The scheme that was given.

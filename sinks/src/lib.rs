@@ -10,6 +10,8 @@
 //!   [`redact`] for showing URLs without secrets.
 //! - `stdout`: `stdout://`, one JSON line per envelope (any `AsyncWrite`).
 //! - `blackhole`: `blackhole://` / `none://`, counts and discards.
+//! - `amqp` (feature `amqp`): `amqp://`/`amqps://`, lapin with publisher
+//!   confirms.
 //! - `kafka` (feature `kafka`): `kafka://`, librdkafka with delivery reports.
 //! - `template`: `{namespace}.{name}`-style names for topics and keys.
 //!
@@ -20,6 +22,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+#[cfg(feature = "amqp")]
+mod amqp;
 mod blackhole;
 mod envelope;
 mod error;
@@ -89,7 +93,14 @@ pub async fn open(raw: &str) -> Result<Arc<dyn Sink>, OpenError> {
     match url.scheme() {
         "stdout" => Ok(Arc::new(stdout::open(&url)?)),
         "blackhole" | "none" => Ok(Arc::new(blackhole::open(&url)?)),
-        scheme @ ("amqp" | "amqps" | "grpc" | "grpcs") => Err(OpenError::Unavailable {
+        #[cfg(feature = "amqp")]
+        "amqp" | "amqps" => Ok(Arc::new(amqp::open(&url)?)),
+        #[cfg(not(feature = "amqp"))]
+        scheme @ ("amqp" | "amqps") => Err(OpenError::FeatureDisabled {
+            scheme: scheme.to_string(),
+            feature: "amqp",
+        }),
+        scheme @ ("grpc" | "grpcs") => Err(OpenError::Unavailable {
             scheme: scheme.to_string(),
         }),
         scheme => Err(OpenError::UnknownScheme {
@@ -156,7 +167,12 @@ mod tests {
             ("kafka://b:9092/t", Ok("kafka://b:9092/t")),
             #[cfg(not(feature = "kafka"))]
             ("kafka://b:9092/t", Err(&["feature `kafka`"])),
-            ("amqp://u:hunter2@h/v", Err(&["amqp://", "not available"])),
+            #[cfg(feature = "amqp")]
+            ("amqp://u:hunter2@h/v?exchange=e", Ok("amqp://u:***@h/v?exchange=e")),
+            #[cfg(feature = "amqp")]
+            ("amqp://u:hunter2@h/v", Err(&["option `exchange` is required", "amqp[s]://USER:PASS@HOST"])),
+            #[cfg(not(feature = "amqp"))]
+            ("amqp://u:hunter2@h/v", Err(&["feature `amqp`"])),
             ("grpc://h:1", Err(&["grpc://", "not available"])),
             (
                 "fancy://u:hunter2@h/",

@@ -1,0 +1,427 @@
+//! `amqp://USER:PASS@HOST:PORT/VHOST?exchange=E&routing_key=TEMPLATE`:
+//! messages on a RabbitMQ exchange, each envelope counted as delivered only
+//! on its publisher confirm.
+//!
+//! Subscribers bind queues with the routing keys they care about
+//! (`default.invocation_finished`, `#.bazel_event`), BonFIRE-style.
+//! Confirms are always on and pipelined over the batch; a confirm that does
+//! not come within `confirm_timeout` is a failure to retry, never a wait
+//! forever. A lost connection or channel (broker restart, exchange deleted)
+//! is rebuilt on the next send, and the pipeline re-publishes everything
+//! not confirmed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::Mutex;
+use url::Url;
+
+use crate::template::Template;
+use crate::{BatchError, Envelope, OpenError, Options, Sink, SinkError};
+
+/// The bridge's own options, stripped before the URI goes to lapin.
+const ACCEPTED: &[&str] = &[
+    "exchange",
+    "routing_key",
+    "exchange_type",
+    "declare",
+    "persistent",
+    "mandatory",
+    "content_type",
+    "headers",
+    "confirm_timeout",
+    "ca",
+];
+/// Query options lapin itself understands; passed through.
+const LAPIN_OPTIONS: &[&str] = &["heartbeat", "channel_max", "frame_max", "connection_timeout", "auth_mechanism"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Declare {
+    /// Declare the exchange (durable) if it is missing.
+    Create,
+    /// Check that it exists; fail clearly if not.
+    Passive,
+    /// Assume it exists.
+    Skip,
+}
+
+/// Publishes envelopes to an AMQP 0-9-1 exchange.
+pub struct AmqpSink {
+    /// Full URI for lapin, credentials included: never shown.
+    uri: String,
+    ca: Option<String>,
+    vhost: String,
+    exchange: String,
+    kind: ExchangeKind,
+    declare: Declare,
+    routing_key: Template,
+    persistent: bool,
+    mandatory: bool,
+    content_type: String,
+    headers: bool,
+    confirm_timeout: Duration,
+    link: Mutex<Option<(Connection, Channel)>>,
+    shown: String,
+}
+
+impl std::fmt::Debug for AmqpSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpSink").field("url", &self.shown).finish()
+    }
+}
+
+/// Characters a routing-key value keeps; `.`, `*` and `#` would change
+/// what topic bindings match, so they (and anything odd) become `_`.
+fn routing_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ':' | '@' | '/' | '+' | '=')
+}
+
+/// Parses an `amqp://` or `amqps://` URL; connects lazily (first send or
+/// health check), so a broker that is down at start only delays delivery.
+pub fn open(url: &Url) -> Result<AmqpSink, OpenError> {
+    let mut opts = Options::new(url)?;
+    let fail = |opts: &Options, reason: String| {
+        opts.invalid(format!(
+            "{reason}; accepted form: amqp[s]://USER:PASS@HOST:PORT/VHOST?exchange=E[&{}]",
+            ACCEPTED[1..].join("&")
+        ))
+    };
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(fail(&opts, "no host".into()));
+    }
+    let Some(exchange) = opts.take("exchange").filter(|e| !e.is_empty()) else {
+        return Err(fail(&opts, "option `exchange` is required".into()));
+    };
+    let routing_key = Template::parse(
+        &opts
+            .take("routing_key")
+            .unwrap_or_else(|| "{namespace}.{name}".into()),
+    )
+    .map_err(|e| fail(&opts, e))?;
+    let kind = match opts
+        .choice("exchange_type", &["topic", "direct", "fanout", "headers"])?
+        .as_deref()
+    {
+        Some("direct") => ExchangeKind::Direct,
+        Some("fanout") => ExchangeKind::Fanout,
+        Some("headers") => ExchangeKind::Headers,
+        _ => ExchangeKind::Topic,
+    };
+    let declare = match opts.choice("declare", &["true", "passive", "false"])?.as_deref() {
+        Some("true") => Declare::Create,
+        Some("false") => Declare::Skip,
+        _ => Declare::Passive,
+    };
+    let persistent = opts.flag("persistent")?.unwrap_or(true);
+    let mandatory = opts.flag("mandatory")?.unwrap_or(true);
+    let headers = opts.flag("headers")?.unwrap_or(true);
+    let content_type = opts
+        .take("content_type")
+        .unwrap_or_else(|| "application/json".into());
+    let confirm_timeout: f64 = opts
+        .parse("confirm_timeout", "a number of seconds")?
+        .unwrap_or(30.0);
+    if !(confirm_timeout > 0.0 && confirm_timeout.is_finite()) {
+        return Err(fail(&opts, format!("option `confirm_timeout={confirm_timeout}` must be positive")));
+    }
+    let ca = match opts.take("ca") {
+        None => None,
+        Some(_) if url.scheme() != "amqps" => {
+            return Err(fail(&opts, "option `ca` needs an amqps:// URL".into()));
+        }
+        Some(path) => Some(std::fs::read_to_string(&path).map_err(|e| {
+            fail(&opts, format!("cannot read option `ca={path}`: {e}"))
+        })?),
+    };
+    // What is left must be lapin's own options; pass those through.
+    let passthrough: Vec<(String, String)> = LAPIN_OPTIONS
+        .iter()
+        .filter_map(|k| opts.take(k).map(|v| (k.to_string(), v)))
+        .collect();
+    let shown = opts.shown_url().to_string();
+    let accepted: Vec<&str> = ACCEPTED.iter().chain(LAPIN_OPTIONS).copied().collect();
+    opts.finish(&accepted)?;
+
+    let mut lapin_url = url.clone();
+    lapin_url.set_query(None);
+    if !passthrough.is_empty() {
+        lapin_url.query_pairs_mut().extend_pairs(passthrough);
+    }
+    let vhost = match url.path() {
+        "" | "/" => "/".to_string(),
+        p => url::form_urlencoded::parse(format!("v={}", &p[1..]).as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default(),
+    };
+    Ok(AmqpSink {
+        uri: lapin_url.to_string(),
+        ca,
+        vhost,
+        exchange,
+        kind,
+        declare,
+        routing_key,
+        persistent,
+        mandatory,
+        content_type,
+        headers,
+        confirm_timeout: Duration::from_secs_f64(confirm_timeout),
+        link: Mutex::new(None),
+        shown,
+    })
+}
+
+/// lapin errors carry the broker's reply text but never the URI, so they
+/// are safe to show.
+fn retryable(what: &str, e: impl std::fmt::Display) -> SinkError {
+    SinkError::Retryable(format!("{what}: {e}"))
+}
+
+impl AmqpSink {
+    /// The current channel, connecting (and declaring or checking the
+    /// exchange) first when there is none or it broke.
+    async fn channel(&self) -> Result<Channel, SinkError> {
+        let mut link = self.link.lock().await;
+        if let Some((conn, ch)) = link.as_ref()
+            && conn.status().connected()
+            && ch.status().connected()
+        {
+            return Ok(ch.clone());
+        }
+        *link = None;
+        let connecting = async {
+            let props = ConnectionProperties::default();
+            match &self.ca {
+                None => Connection::connect(&self.uri, props).await,
+                Some(pem) => {
+                    let tls = lapin::tcp::OwnedTLSConfig {
+                        identity: None,
+                        cert_chain: Some(pem.clone()),
+                    };
+                    let runtime = lapin::runtime::default_runtime()?;
+                    Connection::connect_with_config(&self.uri, props, tls, runtime).await
+                }
+            }
+        };
+        let conn = tokio::time::timeout(Duration::from_secs(15), connecting)
+            .await
+            .map_err(|_| SinkError::Retryable("connecting to the AMQP broker timed out".into()))?
+            .map_err(|e| retryable("connecting to the AMQP broker", e))?;
+        let ch = conn
+            .create_channel()
+            .await
+            .map_err(|e| retryable("opening a channel", e))?;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| retryable("enabling publisher confirms", e))?;
+        if self.declare != Declare::Skip {
+            let options = ExchangeDeclareOptions {
+                passive: self.declare == Declare::Passive,
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            };
+            ch.exchange_declare(
+                self.exchange.as_str().into(),
+                self.kind.clone(),
+                options,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| {
+                let hint = if self.declare == Declare::Passive {
+                    " (add declare=true to create it)"
+                } else {
+                    ""
+                };
+                SinkError::Retryable(format!(
+                    "exchange `{}` in vhost `{}` is not usable{hint}: {e}",
+                    self.exchange, self.vhost
+                ))
+            })?;
+        }
+        *link = Some((conn, ch.clone()));
+        Ok(ch)
+    }
+
+    /// Forgets the connection so the next send builds a new one.
+    async fn reset(&self) {
+        if let Some((conn, _)) = self.link.lock().await.take() {
+            // Closing a broken connection may not finish: do not wait long.
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(0, "evbridge reconnecting".into())).await;
+        }
+    }
+
+    fn properties(&self, env: &Envelope) -> BasicProperties {
+        let mut props = BasicProperties::default()
+            .with_delivery_mode(if self.persistent { 2 } else { 1 })
+            .with_content_type(self.content_type.as_str().into())
+            .with_message_id(env.id.as_str().into())
+            .with_app_id("evbridge".into())
+            .with_type(env.name.as_str().into());
+        if self.headers {
+            let mut table = FieldTable::default();
+            let mut put = |k: &str, v: &str| {
+                table.insert(ShortString::from(k), AMQPValue::LongString(LongString::from(v)));
+            };
+            put("id", &env.id);
+            put("name", &env.name);
+            put("namespace", &env.namespace);
+            put("topic", &env.topic);
+            put("timestamp", &env.timestamp);
+            put("key", &env.key);
+            for (k, v) in &env.attributes {
+                put(k, v);
+            }
+            props = props.with_headers(table);
+        }
+        props
+    }
+
+    fn routing_key_for(&self, env: &Envelope) -> String {
+        let mut key = self.routing_key.render(env, routing_char);
+        if key.len() > 255 {
+            let mut cut = 255;
+            while !key.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            key.truncate(cut);
+        }
+        key
+    }
+}
+
+#[async_trait]
+impl Sink for AmqpSink {
+    fn describe(&self) -> &str {
+        &self.shown
+    }
+
+    async fn send(&self, batch: &[Arc<Envelope>]) -> Result<(), BatchError> {
+        let ch = self.channel().await.map_err(BatchError::all)?;
+        let options = BasicPublishOptions {
+            mandatory: self.mandatory,
+            ..BasicPublishOptions::default()
+        };
+        let mut confirms = Vec::with_capacity(batch.len());
+        let mut publish_error = None;
+        for (i, env) in batch.iter().enumerate() {
+            let key = self.routing_key_for(env);
+            match ch
+                .basic_publish(
+                    self.exchange.as_str().into(),
+                    key.as_str().into(),
+                    options,
+                    env.json().as_ref(),
+                    self.properties(env),
+                )
+                .await
+            {
+                Ok(confirm) => confirms.push((confirm, key)),
+                Err(e) => {
+                    publish_error = Some((i, retryable("publishing", e)));
+                    break;
+                }
+            }
+        }
+        // One deadline for the whole batch: confirms come in order.
+        let deadline = tokio::time::Instant::now() + self.confirm_timeout;
+        let mut failure = None;
+        for (i, (confirm, key)) in confirms.into_iter().enumerate() {
+            let outcome = match tokio::time::timeout_at(deadline, confirm).await {
+                Ok(Ok(Confirmation::Ack(None) | Confirmation::NotRequested)) => continue,
+                Ok(Ok(Confirmation::Ack(Some(returned)))) => SinkError::Permanent(format!(
+                    "unroutable: exchange `{}` has no binding for routing key `{key}` ({} {})",
+                    self.exchange, returned.reply_code, returned.reply_text
+                )),
+                Ok(Ok(Confirmation::Nack(_))) => SinkError::Retryable(format!(
+                    "the broker nacked the message (routing key `{key}`)"
+                )),
+                Ok(Err(e)) => retryable("waiting for the publisher confirm", e),
+                Err(_) => SinkError::Retryable(format!(
+                    "no publisher confirm within {:?}",
+                    self.confirm_timeout
+                )),
+            };
+            if failure.is_none() {
+                failure = Some((i, outcome));
+            }
+        }
+        match failure.or(publish_error) {
+            None => Ok(()),
+            Some((at, error)) => {
+                if error.is_retryable() {
+                    self.reset().await;
+                }
+                Err(BatchError { at, error })
+            }
+        }
+    }
+
+    async fn healthcheck(&self) -> Result<(), SinkError> {
+        self.channel().await.map(|_| ())
+    }
+
+    async fn flush(&self) -> Result<(), SinkError> {
+        // Every send already waited for its confirms; close politely.
+        if let Some((conn, _)) = self.link.lock().await.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "evbridge done".into())).await;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &str) -> Result<AmqpSink, OpenError> {
+        open(&Url::parse(raw).unwrap())
+    }
+
+    #[test]
+    fn url_forms() {
+        let s = parse("amqp://guest:hunter2@127.0.0.1:5672/%2f?exchange=ev&heartbeat=10").unwrap();
+        assert_eq!(s.vhost, "/");
+        assert_eq!(s.exchange, "ev");
+        assert!(s.uri.contains("heartbeat=10") && !s.uri.contains("exchange="), "{}", s.uri);
+        assert!(!s.describe().contains("hunter2"));
+        assert_eq!(s.declare, Declare::Passive);
+        assert!(s.persistent && s.mandatory && s.headers);
+        let s = parse("amqp://u:p@h/ci?exchange=e&routing_key={topic}.{name}&exchange_type=fanout&declare=true&persistent=false&mandatory=false&confirm_timeout=2.5").unwrap();
+        assert_eq!(s.vhost, "ci");
+        assert_eq!(s.declare, Declare::Create);
+        assert_eq!(s.kind, ExchangeKind::Fanout);
+        assert!(!s.persistent && !s.mandatory);
+        assert_eq!(s.confirm_timeout, Duration::from_millis(2500));
+
+        let bad: &[(&str, &str)] = &[
+            ("amqp://u:hunter2@h/v", "option `exchange` is required"),
+            ("amqp://u:hunter2@h/v?exchange=e&routing_key={nope}", "unknown placeholder"),
+            ("amqp://u:hunter2@h/v?exchange=e&exchange_type=x", "exchange_type=x"),
+            ("amqp://u:hunter2@h/v?exchange=e&declare=maybe", "declare=maybe"),
+            ("amqp://u:hunter2@h/v?exchange=e&colour=red", "unknown option `colour`"),
+            ("amqp://u:hunter2@h/v?exchange=e&ca=/x.pem", "needs an amqps:// URL"),
+            ("amqps://u:hunter2@h/v?exchange=e&ca=/nonexistent.pem", "cannot read option `ca"),
+            ("amqp://u:hunter2@h/v?exchange=e&confirm_timeout=0", "must be positive"),
+        ];
+        for (url, want) in bad {
+            let e = parse(url).expect_err(url).to_string();
+            assert!(e.contains(want), "{url}: `{e}` lacks `{want}`");
+            assert!(!e.contains("hunter2"), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn routing_keys_keep_topic_routing_intact() {
+        let s = parse("amqp://h/?exchange=e&routing_key=ci.{namespace}.{name}").unwrap();
+        let mut event = crate::test_envelope("x").event().clone();
+        event.namespace = "team.a*#b".into();
+        let env = Envelope::new(event);
+        assert_eq!(s.routing_key_for(&env), "ci.team_a__b.test");
+    }
+}
