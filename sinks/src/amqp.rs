@@ -16,7 +16,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
 use tokio::sync::Mutex;
 use url::Url;
 
@@ -37,7 +39,13 @@ const ACCEPTED: &[&str] = &[
     "ca",
 ];
 /// Query options lapin itself understands; passed through.
-const LAPIN_OPTIONS: &[&str] = &["heartbeat", "channel_max", "frame_max", "connection_timeout", "auth_mechanism"];
+const LAPIN_OPTIONS: &[&str] = &[
+    "heartbeat",
+    "channel_max",
+    "frame_max",
+    "connection_timeout",
+    "auth_mechanism",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Declare {
@@ -70,7 +78,9 @@ pub struct AmqpSink {
 
 impl std::fmt::Debug for AmqpSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AmqpSink").field("url", &self.shown).finish()
+        f.debug_struct("AmqpSink")
+            .field("url", &self.shown)
+            .finish()
     }
 }
 
@@ -111,7 +121,10 @@ pub fn open(url: &Url) -> Result<AmqpSink, OpenError> {
         Some("headers") => ExchangeKind::Headers,
         _ => ExchangeKind::Topic,
     };
-    let declare = match opts.choice("declare", &["true", "passive", "false"])?.as_deref() {
+    let declare = match opts
+        .choice("declare", &["true", "passive", "false"])?
+        .as_deref()
+    {
         Some("true") => Declare::Create,
         Some("false") => Declare::Skip,
         _ => Declare::Passive,
@@ -126,16 +139,20 @@ pub fn open(url: &Url) -> Result<AmqpSink, OpenError> {
         .parse("confirm_timeout", "a number of seconds")?
         .unwrap_or(30.0);
     if !(confirm_timeout > 0.0 && confirm_timeout.is_finite()) {
-        return Err(fail(&opts, format!("option `confirm_timeout={confirm_timeout}` must be positive")));
+        return Err(fail(
+            &opts,
+            format!("option `confirm_timeout={confirm_timeout}` must be positive"),
+        ));
     }
     let ca = match opts.take("ca") {
         None => None,
         Some(_) if url.scheme() != "amqps" => {
             return Err(fail(&opts, "option `ca` needs an amqps:// URL".into()));
         }
-        Some(path) => Some(std::fs::read_to_string(&path).map_err(|e| {
-            fail(&opts, format!("cannot read option `ca={path}`: {e}"))
-        })?),
+        Some(path) => Some(
+            std::fs::read_to_string(&path)
+                .map_err(|e| fail(&opts, format!("cannot read option `ca={path}`: {e}")))?,
+        ),
     };
     // What is left must be lapin's own options; pass those through.
     let passthrough: Vec<(String, String)> = LAPIN_OPTIONS
@@ -252,7 +269,11 @@ impl AmqpSink {
     async fn reset(&self) {
         if let Some((conn, _)) = self.link.lock().await.take() {
             // Closing a broken connection may not finish: do not wait long.
-            let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(0, "evbridge reconnecting".into())).await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                conn.close(0, "evbridge reconnecting".into()),
+            )
+            .await;
         }
     }
 
@@ -266,7 +287,10 @@ impl AmqpSink {
         if self.headers {
             let mut table = FieldTable::default();
             let mut put = |k: &str, v: &str| {
-                table.insert(ShortString::from(k), AMQPValue::LongString(LongString::from(v)));
+                table.insert(
+                    ShortString::from(k),
+                    AMQPValue::LongString(LongString::from(v)),
+                );
             };
             put("id", &env.id);
             put("name", &env.name);
@@ -369,7 +393,11 @@ impl Sink for AmqpSink {
     async fn flush(&self) -> Result<(), SinkError> {
         // Every send already waited for its confirms; close politely.
         if let Some((conn, _)) = self.link.lock().await.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "evbridge done".into())).await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                conn.close(200, "evbridge done".into()),
+            )
+            .await;
         }
         Ok(())
     }
@@ -388,7 +416,11 @@ mod tests {
         let s = parse("amqp://guest:hunter2@127.0.0.1:5672/%2f?exchange=ev&heartbeat=10").unwrap();
         assert_eq!(s.vhost, "/");
         assert_eq!(s.exchange, "ev");
-        assert!(s.uri.contains("heartbeat=10") && !s.uri.contains("exchange="), "{}", s.uri);
+        assert!(
+            s.uri.contains("heartbeat=10") && !s.uri.contains("exchange="),
+            "{}",
+            s.uri
+        );
         assert!(!s.describe().contains("hunter2"));
         assert_eq!(s.declare, Declare::Passive);
         assert!(s.persistent && s.mandatory && s.headers);
@@ -401,13 +433,34 @@ mod tests {
 
         let bad: &[(&str, &str)] = &[
             ("amqp://u:hunter2@h/v", "option `exchange` is required"),
-            ("amqp://u:hunter2@h/v?exchange=e&routing_key={nope}", "unknown placeholder"),
-            ("amqp://u:hunter2@h/v?exchange=e&exchange_type=x", "exchange_type=x"),
-            ("amqp://u:hunter2@h/v?exchange=e&declare=maybe", "declare=maybe"),
-            ("amqp://u:hunter2@h/v?exchange=e&colour=red", "unknown option `colour`"),
-            ("amqp://u:hunter2@h/v?exchange=e&ca=/x.pem", "needs an amqps:// URL"),
-            ("amqps://u:hunter2@h/v?exchange=e&ca=/nonexistent.pem", "cannot read option `ca"),
-            ("amqp://u:hunter2@h/v?exchange=e&confirm_timeout=0", "must be positive"),
+            (
+                "amqp://u:hunter2@h/v?exchange=e&routing_key={nope}",
+                "unknown placeholder",
+            ),
+            (
+                "amqp://u:hunter2@h/v?exchange=e&exchange_type=x",
+                "exchange_type=x",
+            ),
+            (
+                "amqp://u:hunter2@h/v?exchange=e&declare=maybe",
+                "declare=maybe",
+            ),
+            (
+                "amqp://u:hunter2@h/v?exchange=e&colour=red",
+                "unknown option `colour`",
+            ),
+            (
+                "amqp://u:hunter2@h/v?exchange=e&ca=/x.pem",
+                "needs an amqps:// URL",
+            ),
+            (
+                "amqps://u:hunter2@h/v?exchange=e&ca=/nonexistent.pem",
+                "cannot read option `ca",
+            ),
+            (
+                "amqp://u:hunter2@h/v?exchange=e&confirm_timeout=0",
+                "must be positive",
+            ),
         ];
         for (url, want) in bad {
             let e = parse(url).expect_err(url).to_string();

@@ -168,9 +168,15 @@ mod tests {
             #[cfg(not(feature = "kafka"))]
             ("kafka://b:9092/t", Err(&["feature `kafka`"])),
             #[cfg(feature = "amqp")]
-            ("amqp://u:hunter2@h/v?exchange=e", Ok("amqp://u:***@h/v?exchange=e")),
+            (
+                "amqp://u:hunter2@h/v?exchange=e",
+                Ok("amqp://u:***@h/v?exchange=e"),
+            ),
             #[cfg(feature = "amqp")]
-            ("amqp://u:hunter2@h/v", Err(&["option `exchange` is required", "amqp[s]://USER:PASS@HOST"])),
+            (
+                "amqp://u:hunter2@h/v",
+                Err(&["option `exchange` is required", "amqp[s]://USER:PASS@HOST"]),
+            ),
             #[cfg(not(feature = "amqp"))]
             ("amqp://u:hunter2@h/v", Err(&["feature `amqp`"])),
             ("grpc://h:1", Err(&["grpc://", "not available"])),

@@ -125,10 +125,12 @@ impl Drop for Tansu {
 }
 
 /// Forwards `listen` → `target`; `cut` drops every connection and refuses
-/// new ones, `restore` lets them through again.
+/// new ones, `restore` lets them through again, `freeze` keeps connections
+/// open but stops passing bytes (a broker that hangs).
 pub struct Proxy {
     listen: SocketAddr,
     target: SocketAddr,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
     acceptor: Arc<Mutex<Option<JoinHandle<()>>>>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
@@ -139,6 +141,7 @@ impl Proxy {
         let p = Proxy {
             listen: ([127, 0, 0, 1], listen_port).into(),
             target: ([127, 0, 0, 1], target_port).into(),
+            frozen: Arc::default(),
             acceptor: Arc::default(),
             conns: Arc::default(),
         };
@@ -156,17 +159,29 @@ impl Proxy {
         };
         let target = self.target;
         let conns = self.conns.clone();
+        let frozen = self.frozen.clone();
         let acceptor = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let frozen = frozen.clone();
                 let task = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    if let Ok(outbound) = tokio::net::TcpStream::connect(target).await {
+                        let (ri, wi) = inbound.into_split();
+                        let (ro, wo) = outbound.into_split();
+                        tokio::select! {
+                            _ = pump(ri, wo, frozen.clone()) => {}
+                            _ = pump(ro, wi, frozen) => {}
+                        }
                     }
                 });
                 conns.lock().unwrap().push(task);
             }
         });
         *self.acceptor.lock().unwrap() = Some(acceptor);
+    }
+
+    /// Stops (or resumes) passing bytes on every connection.
+    pub fn freeze(&self, on: bool) {
+        self.frozen.store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Drops every connection and stops listening.
@@ -176,6 +191,31 @@ impl Proxy {
         }
         for c in self.conns.lock().unwrap().drain(..) {
             c.abort();
+        }
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        while frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // Bytes read just before a freeze are held back until it ends.
+        while frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
         }
     }
 }

@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod brokers;
+#[cfg(feature = "amqp")]
+pub mod rabbit;
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;

@@ -1,0 +1,183 @@
+//! The AMQP sink against the real RabbitMQ on 127.0.0.1:5672 (or
+//! `$EVBRIDGE_AMQP_URL`), read back by an independent lapin subscriber
+//! that binds queues by routing key, BonFIRE-style. Every test uses
+//! exchanges and queues of its own and deletes them. (The broker-restart
+//! test lives in `amqp_restart.rs`: it stops RabbitMQ, so it must not run
+//! beside these.)
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::brokers::{Proxy, free_port};
+use common::rabbit::*;
+use common::*;
+use evbridge::sinks::Envelope;
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_get_exactly_their_routing_keys_all_persistent_json() {
+    let t = Topology::new(&["default.invocation_finished", "#.bazel_event", "#"]).await;
+    let s = start_sim(sim_config(12, 10)).await;
+    let sink = evbridge::sinks::open(&t.sink_url("")).await.unwrap();
+    sink.healthcheck()
+        .await
+        .expect("exchange exists (passive check)");
+    run_until_acked(
+        &s.sim,
+        bridge_config(&s.url),
+        vec![sink],
+        Duration::from_secs(90),
+    )
+    .await
+    .unwrap();
+    assert!(s.sim.all_acked());
+    let report = s.sim.report();
+
+    let all = t
+        .drain("#", report.notifications + report.invocation_events)
+        .await;
+    let lines: Vec<String> = all.iter().map(|(v, _)| v.to_string()).collect();
+    assert_complete(&s.sim, &lines);
+    assert_eq!(
+        all.len(),
+        report.notifications + report.invocation_events,
+        "exactly once"
+    );
+    for (v, p) in &all {
+        assert_eq!(p.delivery_mode(), &Some(2), "persistent");
+        assert_eq!(
+            p.content_type().as_ref().map(|c| c.as_str()),
+            Some("application/json")
+        );
+        assert_eq!(
+            p.message_id().as_ref().map(|c| c.as_str()),
+            v["id"].as_str()
+        );
+        let headers = p.headers().as_ref().expect("headers");
+        assert!(headers.inner().contains_key("name") && headers.inner().contains_key("namespace"));
+    }
+    let count = |name: &str| all.iter().filter(|(v, _)| v["name"] == name).count();
+
+    let finished = t
+        .drain("default.invocation_finished", report.invocations)
+        .await;
+    assert_eq!(finished.len(), report.invocations);
+    assert!(
+        finished
+            .iter()
+            .all(|(v, _)| v["name"] == "invocation_finished")
+    );
+    let bazel = t.drain("#.bazel_event", count("bazel_event")).await;
+    assert_eq!(bazel.len(), count("bazel_event"));
+    assert!(bazel.iter().all(|(v, _)| v["name"] == "bazel_event"));
+    t.cleanup().await;
+}
+
+fn envelope() -> Arc<Envelope> {
+    let n = evbridge::normalize::Normalizer::default();
+    let world = evbridge::sim_gen::generate(&Default::default());
+    Arc::new(n.lifecycle(&world.notifications[0]).envelope)
+}
+
+#[tokio::test]
+async fn unroutable_is_an_error_naming_the_routing_key() {
+    let t = Topology::new(&[]).await;
+    let sink = evbridge::sinks::open(&t.sink_url("&routing_key=nobody.{name}"))
+        .await
+        .unwrap();
+    let e = sink
+        .send(&[envelope()])
+        .await
+        .expect_err("no binding matches");
+    assert_eq!(e.at, 0);
+    assert!(!e.error.is_retryable(), "{e}");
+    let msg = e.error.to_string();
+    assert!(
+        msg.contains("unroutable") && msg.contains("nobody.build_started"),
+        "{msg}"
+    );
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn missing_exchange_is_named_and_declare_creates_it() {
+    let exchange = unique("evb-missing");
+    let url = format!("{}?exchange={exchange}", broker_url());
+    let sink = evbridge::sinks::open(&url).await.unwrap();
+    let e = sink.healthcheck().await.expect_err("missing exchange");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&exchange) && msg.contains("declare=true") && msg.contains("NOT_FOUND"),
+        "{msg}"
+    );
+    let e = sink
+        .send(&[envelope()])
+        .await
+        .expect_err("missing exchange");
+    assert!(e.error.is_retryable() && e.error.to_string().contains(&exchange));
+
+    let sink = evbridge::sinks::open(&format!("{url}&declare=true&mandatory=false"))
+        .await
+        .unwrap();
+    sink.send(&[envelope()])
+        .await
+        .expect("declared, then published");
+    let conn = Connection::connect(&broker_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_declare(
+        exchange.as_str().into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("the sink declared it");
+    ch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_hung_broker_fails_the_confirm_instead_of_waiting_forever() {
+    let t = Topology::new(&["#"]).await;
+    let port = free_port();
+    let proxy = Proxy::start(port, 5672).await;
+    let via_proxy = broker_url().replace("127.0.0.1:5672", &format!("127.0.0.1:{port}"));
+    let url = format!("{via_proxy}?exchange={}&confirm_timeout=1", t.exchange);
+    let sink = evbridge::sinks::open(&url).await.unwrap();
+    sink.send(&[envelope()]).await.expect("healthy path");
+
+    proxy.freeze(true);
+    let start = Instant::now();
+    let e = tokio::time::timeout(Duration::from_secs(10), sink.send(&[envelope()]))
+        .await
+        .expect("send returned")
+        .expect_err("no confirm can arrive");
+    assert!(e.error.is_retryable(), "{e}");
+    assert!(
+        e.error.to_string().contains("no publisher confirm within"),
+        "{e}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+
+    proxy.freeze(false);
+    proxy.cut();
+    proxy.restore().await;
+    sink.send(&[envelope()])
+        .await
+        .expect("reconnected after the hang");
+    t.cleanup().await;
+}
