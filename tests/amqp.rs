@@ -181,3 +181,74 @@ async fn a_hung_broker_fails_the_confirm_instead_of_waiting_forever() {
         .expect("reconnected after the hang");
     t.cleanup().await;
 }
+
+/// Terminates TLS with `leaf` on a free port and forwards to RabbitMQ.
+async fn tls_front(leaf: &common::pki::Leaf) -> u16 {
+    use tokio_rustls::rustls;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cert = rustls::pki_types::CertificateDer::from(leaf.cert_der.clone());
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf.key_der.clone().into());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(tcp).await
+                    && let Ok(mut plain) = tokio::net::TcpStream::connect("127.0.0.1:5672").await
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn amqps_with_a_private_ca_and_verification_on_by_default() {
+    let t = Topology::new(&["#"]).await;
+    let ca = common::pki::ca("evbridge amqps test CA");
+    let port = tls_front(&common::pki::leaf(&["localhost"], &ca)).await;
+    let dir =
+        std::env::temp_dir().join(format!("evbridge-amqps-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("ca.pem");
+    std::fs::write(&good, ca.pem()).unwrap();
+    let other = dir.join("other.pem");
+    std::fs::write(&other, common::pki::ca("another CA").pem()).unwrap();
+    let base = format!(
+        "amqps://guest:guest@localhost:{port}/%2f?exchange={}",
+        t.exchange
+    );
+
+    for (url, what) in [
+        (base.clone(), "system roots do not know the private CA"),
+        (
+            format!("{base}&ca={}", other.display()),
+            "a CA that did not sign the server",
+        ),
+    ] {
+        let sink = evbridge::sinks::open(&url).await.unwrap();
+        let e = sink.send(&[envelope()]).await.expect_err(what);
+        assert!(e.error.is_retryable(), "{what}: {e}");
+    }
+    let sink = evbridge::sinks::open(&format!("{base}&ca={}", good.display()))
+        .await
+        .unwrap();
+    sink.send(&[envelope()])
+        .await
+        .expect("TLS with the private CA");
+    let got = t.drain("#", 1).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0["id"], envelope().id.as_str());
+    let _ = std::fs::remove_dir_all(dir);
+    t.cleanup().await;
+}

@@ -93,3 +93,11 @@ async fn broker_restart_mid_run_loses_nothing() {
     assert_complete(&s.sim, &lines);
     t.cleanup().await;
 }
+
+struct StartAppOnDrop;
+
+impl Drop for StartAppOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl").arg("start_app").output();
+    }
+}

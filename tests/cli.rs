@@ -199,7 +199,20 @@ fn bad_input_is_one_line_and_exit_code_2() {
                 "--sink",
                 "amqp://u:hunter2@h/v",
             ],
+            "option `exchange` is required",
+        ),
+        (
+            &["--source", "grpc://127.0.0.1:1", "--sink", "grpc://h:1"],
             "not available",
+        ),
+        (
+            &[
+                "--source",
+                "grpc://127.0.0.1:1",
+                "--sink",
+                "kafka://b:1/t?rdkafka.sasl.password=hunter2&rdkafka.bogus=1",
+            ],
+            "librdkafka refused",
         ),
         (
             &["--source", "http://127.0.0.1:1"],

@@ -6,7 +6,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 struct Pki {
@@ -16,36 +15,23 @@ struct Pki {
     stranger: (String, String),
 }
 
-fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
-    let mut params = CertificateParams::new(vec![]).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
-    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
-}
-
-fn leaf(names: &[&str], issuer: &CertifiedIssuer<'static, KeyPair>) -> (String, String) {
-    let key = KeyPair::generate().unwrap();
-    let params =
-        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-    let cert = params.signed_by(&key, issuer).unwrap();
-    (cert.pem(), key.serialize_pem())
+fn leaf(
+    names: &[&str],
+    issuer: &rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+) -> (String, String) {
+    let l = common::pki::leaf(names, issuer);
+    (l.cert_pem, l.key_pem)
 }
 
 fn pki() -> Pki {
-    let ca = ca("evbridge test CA");
-    let other = ca_stranger();
+    let ca = common::pki::ca("evbridge test CA");
+    let other = common::pki::ca("some other CA");
     Pki {
         ca_pem: ca.pem(),
         server: leaf(&["localhost", "127.0.0.1"], &ca),
         client: leaf(&["evbridge-client"], &ca),
         stranger: leaf(&["intruder"], &other),
     }
-}
-
-fn ca_stranger() -> CertifiedIssuer<'static, KeyPair> {
-    ca("some other CA")
 }
 
 fn server_tls(p: &Pki, require_client: bool) -> ServerTlsConfig {
