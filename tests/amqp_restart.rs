@@ -98,6 +98,8 @@ struct StartAppOnDrop;
 
 impl Drop for StartAppOnDrop {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl").arg("start_app").output();
+        let _ = std::process::Command::new("rabbitmqctl")
+            .arg("start_app")
+            .output();
     }
 }
