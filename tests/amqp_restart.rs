@@ -59,6 +59,8 @@ async fn broker_restart_mid_run_loses_nothing() {
     tokio::task::spawn_blocking(|| rabbitmqctl(&["stop_app"]))
         .await
         .unwrap();
+    // Whatever happens below, leave the shared broker running.
+    let _restart = StartAppOnDrop;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let acked_down = s.sim.report().queue.acked;
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -70,14 +70,6 @@ pub enum OpenError {
         /// The cargo feature that provides it.
         feature: &'static str,
     },
-    /// A sink the project plans but this version does not have yet.
-    #[error(
-        "sink scheme `{scheme}://` is not available in this version of evbridge; accepted forms now: stdout://, blackhole://, none://, kafka://, amqp[s]://"
-    )]
-    Unavailable {
-        /// The scheme that was given.
-        scheme: String,
-    },
     /// A known scheme with an option, host or path it does not accept.
     #[error("sink URL `{url}`: {reason}")]
     Invalid {

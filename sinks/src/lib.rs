@@ -12,6 +12,8 @@
 //! - `blackhole`: `blackhole://` / `none://`, counts and discards.
 //! - `amqp` (feature `amqp`): `amqp://`/`amqps://`, lapin with publisher
 //!   confirms.
+//! - `grpc` (feature `grpc`): `grpc://`/`grpcs://`, EngFlow's Forwarding
+//!   demo API.
 //! - `kafka` (feature `kafka`): `kafka://`, librdkafka with delivery reports.
 //! - `template`: `{namespace}.{name}`-style names for topics and keys.
 //!
@@ -27,6 +29,8 @@ mod amqp;
 mod blackhole;
 mod envelope;
 mod error;
+#[cfg(feature = "grpc")]
+mod grpc;
 #[cfg(feature = "kafka")]
 mod kafka;
 mod options;
@@ -36,6 +40,8 @@ mod template;
 pub use blackhole::Blackhole;
 pub use envelope::{Envelope, Event};
 pub use error::{BatchError, OpenError, SinkError};
+#[cfg(feature = "grpc")]
+pub use grpc::{EngFlowRequest, EngFlowResponse};
 pub use options::{Options, redact};
 pub use stdout::{Format, WriterSink};
 pub use template::{PLACEHOLDERS, Template};
@@ -100,8 +106,12 @@ pub async fn open(raw: &str) -> Result<Arc<dyn Sink>, OpenError> {
             scheme: scheme.to_string(),
             feature: "amqp",
         }),
-        scheme @ ("grpc" | "grpcs") => Err(OpenError::Unavailable {
+        #[cfg(feature = "grpc")]
+        "grpc" | "grpcs" => Ok(Arc::new(grpc::open(&url)?)),
+        #[cfg(not(feature = "grpc"))]
+        scheme @ ("grpc" | "grpcs") => Err(OpenError::FeatureDisabled {
             scheme: scheme.to_string(),
+            feature: "grpc",
         }),
         scheme => Err(OpenError::UnknownScheme {
             url: redact(raw),
@@ -179,7 +189,12 @@ mod tests {
             ),
             #[cfg(not(feature = "amqp"))]
             ("amqp://u:hunter2@h/v", Err(&["feature `amqp`"])),
-            ("grpc://h:1", Err(&["grpc://", "not available"])),
+            #[cfg(feature = "grpc")]
+            ("grpc://h:1", Ok("grpc://h:1")),
+            #[cfg(feature = "grpc")]
+            ("grpc://h", Err(&["no port", "grpc[s]://HOST:PORT"])),
+            #[cfg(not(feature = "grpc"))]
+            ("grpc://h:1", Err(&["feature `grpc`"])),
             (
                 "fancy://u:hunter2@h/",
                 Err(&["unknown scheme `fancy`", "u:***@h"]),
