@@ -226,3 +226,63 @@ async fn the_forward_flag_of_the_example_client_works() {
     assert!(s.sim.all_acked());
     assert_all_present(&s.sim, &payload_lines(&receiver));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcs_with_a_private_ca_and_a_client_certificate() {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let ca = common::pki::ca("evbridge forward CA");
+    let server = common::pki::leaf(&["localhost"], &ca);
+    let client = common::pki::leaf(&["evbridge"], &ca);
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(&server.cert_pem, &server.key_pem))
+        .client_ca_root(Certificate::from_pem(ca.pem()));
+    let receiver = Arc::new(Receiver::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(ForwardingServer::new(Shared(receiver.clone())))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let dir = std::env::temp_dir().join(format!("evbridge-fwd-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let ca_path = write("ca.pem", &ca.pem());
+    let cert = write("client.crt", &client.cert_pem);
+    let key = write("client.key", &client.key_pem);
+    let base = format!("grpcs://localhost:{port}");
+    let env = Arc::new(
+        evbridge::normalize::Normalizer::default()
+            .lifecycle(&evbridge::sim_gen::generate(&Default::default()).notifications[0])
+            .envelope,
+    );
+
+    for (url, what) in [
+        (
+            format!("{base}?timeout=2"),
+            "system roots do not know the CA",
+        ),
+        (
+            format!("{base}?timeout=2&ca={ca_path}"),
+            "no client certificate",
+        ),
+    ] {
+        let sink = evbridge::sinks::open(&url).await.unwrap();
+        let e = sink.send(std::slice::from_ref(&env)).await.expect_err(what);
+        assert!(e.error.is_retryable(), "{what}: {e}");
+    }
+    let sink = evbridge::sinks::open(&format!("{base}?ca={ca_path}&cert={cert}&key={key}"))
+        .await
+        .unwrap();
+    sink.send(std::slice::from_ref(&env))
+        .await
+        .expect("mTLS with the private CA");
+    assert_eq!(receiver.got.lock().unwrap()[0].id, env.id);
+    let _ = std::fs::remove_dir_all(dir);
+}
