@@ -13,9 +13,8 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use evbridge::normalize::Normalizer;
 use evbridge::pipeline::{Limits, Pipeline};
-use evbridge::sim_gen::{GenConfig, generate};
+use evbridge::sim_gen::sample_envelopes;
 use evbridge::sinks::Envelope;
 use lapin::options::*;
 use lapin::types::FieldTable;
@@ -24,35 +23,6 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 fn broker_url() -> String {
     std::env::var("EVBRIDGE_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-fn envelopes(n: usize) -> Vec<Envelope> {
-    let world = generate(&GenConfig {
-        builds: n / 20 + 1,
-        events_per_invocation: 20,
-        ..GenConfig::default()
-    });
-    let norm = Normalizer::default();
-    let mut out = Vec::with_capacity(n);
-    for note in &world.notifications {
-        let life = norm.lifecycle(note);
-        if let Some(inv) = &life.fetch {
-            let stored = world
-                .invocations
-                .iter()
-                .find(|i| i.id == inv.invocation_id)
-                .unwrap();
-            for (seq, ev) in stored.events.iter().enumerate() {
-                out.push(norm.build_event(inv, seq as u64, ev).envelope);
-            }
-        }
-        out.push(life.envelope);
-        if out.len() >= n {
-            break;
-        }
-    }
-    out.truncate(n);
-    out
 }
 
 async fn purge(ch: &Channel, queue: &str) {
@@ -179,7 +149,7 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
-    let envs = envelopes(n);
+    let envs = sample_envelopes(n);
     let bytes: usize = envs.iter().map(|e| e.json().len()).sum();
     let conn = Connection::connect(&broker_url(), ConnectionProperties::default())
         .await

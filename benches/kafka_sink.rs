@@ -12,43 +12,12 @@ mod brokers;
 
 use std::time::{Duration, Instant};
 
-use evbridge::normalize::Normalizer;
 use evbridge::pipeline::{Limits, Pipeline};
-use evbridge::sim_gen::{GenConfig, generate};
+use evbridge::sim_gen::sample_envelopes;
 use evbridge::sinks::Envelope;
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-
-/// Real envelopes from the simulator's content, `n` of them.
-fn envelopes(n: usize) -> Vec<Envelope> {
-    let world = generate(&GenConfig {
-        builds: n / 20 + 1,
-        events_per_invocation: 20,
-        ..GenConfig::default()
-    });
-    let norm = Normalizer::default();
-    let mut out = Vec::with_capacity(n);
-    for note in &world.notifications {
-        let life = norm.lifecycle(note);
-        if let Some(inv) = &life.fetch {
-            let stored = world
-                .invocations
-                .iter()
-                .find(|i| i.id == inv.invocation_id)
-                .unwrap();
-            for (seq, ev) in stored.events.iter().enumerate() {
-                out.push(norm.build_event(inv, seq as u64, ev).envelope);
-            }
-        }
-        out.push(life.envelope);
-        if out.len() >= n {
-            break;
-        }
-    }
-    out.truncate(n);
-    out
-}
 
 async fn raw_loop(bootstrap: &str, topic: &str, envs: &[Envelope]) -> Duration {
     let producer: FutureProducer = ClientConfig::new()
@@ -134,7 +103,7 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
     let broker = brokers::Tansu::start();
-    let envs = envelopes(n);
+    let envs = sample_envelopes(n);
     let bytes: usize = envs.iter().map(|e| e.json().len()).sum();
     println!(
         "kafka sink bench: {n} envelopes, mean {} bytes, tansu on {}",

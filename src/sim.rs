@@ -448,6 +448,25 @@ fn parse_continuation(owner: &str, token: Option<&str>) -> Result<usize, Status>
 }
 
 impl Service {
+    /// Checks the token, counts the call and requires the id field.
+    fn admit<T>(
+        &self,
+        req: Request<T>,
+        id: impl Fn(&T) -> &String,
+        field: &str,
+    ) -> Result<T, Status> {
+        self.sim.check_auth(&req)?;
+        self.sim
+            .counters
+            .event_calls
+            .fetch_add(1, Ordering::Relaxed);
+        let req = req.into_inner();
+        if id(&req).is_empty() {
+            return Err(Status::invalid_argument(format!("{field} is required")));
+        }
+        Ok(req)
+    }
+
     /// Streams `events[from..]` as stored now (waiting for more while
     /// `follow` and not complete).
     fn stream_events(
@@ -513,15 +532,7 @@ impl es::event_store_server::EventStore for Service {
         &self,
         req: Request<es::GetInvocationRequest>,
     ) -> Result<Response<Self::GetInvocationStream>, Status> {
-        self.sim.check_auth(&req)?;
-        self.sim
-            .counters
-            .event_calls
-            .fetch_add(1, Ordering::Relaxed);
-        let req = req.into_inner();
-        if req.invocation_id.is_empty() {
-            return Err(Status::invalid_argument("invocation_id is required"));
-        }
+        let req = self.admit(req, |r| &r.invocation_id, "invocation_id")?;
         let found = self
             .sim
             .world
@@ -551,15 +562,7 @@ impl es::event_store_server::EventStore for Service {
         &self,
         req: Request<es::GetBuildRequest>,
     ) -> Result<Response<Self::GetBuildStream>, Status> {
-        self.sim.check_auth(&req)?;
-        self.sim
-            .counters
-            .event_calls
-            .fetch_add(1, Ordering::Relaxed);
-        let req = req.into_inner();
-        if req.build_id.is_empty() {
-            return Err(Status::invalid_argument("build_id is required"));
-        }
+        let req = self.admit(req, |r| &r.build_id, "build_id")?;
         let Some(b) = self
             .sim
             .world

@@ -508,3 +508,31 @@ fn build_status(ok: bool, final_invocation_id: &str) -> bes::BuildStatus {
         },
     }
 }
+
+/// `n` realistic envelopes (lifecycle and build events, in the order the
+/// bridge would produce them), for benchmarks.
+pub fn sample_envelopes(n: usize) -> Vec<evbridge_sinks::Envelope> {
+    let world = generate(&GenConfig {
+        builds: n / 20 + 1,
+        events_per_invocation: 20,
+        ..GenConfig::default()
+    });
+    let norm = crate::normalize::Normalizer::default();
+    let mut out = Vec::with_capacity(n);
+    for note in &world.notifications {
+        let life = norm.lifecycle(note);
+        if let Some(inv) = &life.fetch
+            && let Some(stored) = world.invocations.iter().find(|i| i.id == inv.invocation_id)
+        {
+            for (seq, ev) in stored.events.iter().enumerate() {
+                out.push(norm.build_event(inv, seq as u64, ev).envelope);
+            }
+        }
+        out.push(life.envelope);
+        if out.len() >= n {
+            break;
+        }
+    }
+    out.truncate(n);
+    out
+}
