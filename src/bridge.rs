@@ -22,6 +22,9 @@ pub struct BridgeConfig {
     pub topics: Topics,
     /// In-flight bound, batch size and lanes per sink.
     pub limits: Limits,
+    /// Where envelopes a sink rejected for good go (else their
+    /// notifications stay unacknowledged).
+    pub dead_letter: Option<Arc<dyn Sink>>,
 }
 
 impl BridgeConfig {
@@ -31,6 +34,7 @@ impl BridgeConfig {
             source,
             topics: Topics::default(),
             limits: Limits::default(),
+            dead_letter: None,
         }
     }
 }
@@ -48,6 +52,8 @@ pub struct Summary {
     pub envelopes: u64,
     /// Envelopes some sink rejected for good.
     pub rejected: u64,
+    /// Rejected envelopes the dead-letter sink took.
+    pub dead_lettered: u64,
     /// Sink calls retried.
     pub retries: u64,
 }
@@ -77,7 +83,8 @@ pub async fn run(
             }
         });
     }
-    let (pipeline, workers) = Pipeline::start(sinks, cfg.limits);
+    let (pipeline, workers) =
+        Pipeline::start_with_dead_letter(sinks, cfg.dead_letter.clone(), cfg.limits);
     let source = Source::new(
         cfg.source,
         channel,
@@ -96,6 +103,7 @@ pub async fn run(
         events: s.events.load(Ordering::Relaxed),
         envelopes: p.confirmed.load(Ordering::Relaxed),
         rejected: p.rejected.load(Ordering::Relaxed),
+        dead_lettered: p.dead_lettered.load(Ordering::Relaxed),
         retries: p.retries.load(Ordering::Relaxed),
     };
     // Workers flush and stop once every sender is gone; tasks of broken

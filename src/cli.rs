@@ -91,6 +91,10 @@ struct BridgeArgs {
     /// Sink URL; repeat for several (default stdout://).
     #[arg(long = "sink", value_name = "URL")]
     sinks: Vec<String>,
+    /// Sink URL for envelopes a sink rejected for good (with the reason);
+    /// without it their notifications stay unacknowledged.
+    #[arg(long, value_name = "URL")]
+    dead_letter: Option<String>,
     /// Forward to an EngFlow demo-server receiver (same as --sink grpc://…).
     #[arg(long, value_name = "URL")]
     forward: Vec<String>,
@@ -363,7 +367,7 @@ async fn run_bridge(args: BridgeArgs) -> Result<(), Failure> {
             "no source: give --source grpc://HOST[:PORT] or grpcs://HOST[:PORT] (or run `evbridge demo`)",
         ));
     };
-    let cfg = bridge_config(&args, source)?;
+    let mut cfg = bridge_config(&args, source)?;
     let mut urls = args.sinks.clone();
     for f in &args.forward {
         // The example client's --forward takes host:port or a grpc URL.
@@ -377,6 +381,9 @@ async fn run_bridge(args: BridgeArgs) -> Result<(), Failure> {
         urls.push("stdout://".into());
     }
     let sinks = open_sinks(&urls).await?;
+    if let Some(url) = &args.dead_letter {
+        cfg.dead_letter = Some(open_sinks(std::slice::from_ref(url)).await?.remove(0));
+    }
     let (trigger, shutdown) = shutdown::channel();
     tokio::spawn(async move {
         shutdown::signal().await;

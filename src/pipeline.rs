@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use evbridge_sinks::{Envelope, Sink};
+use evbridge_sinks::{Envelope, Sink, SinkError};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
@@ -30,8 +30,11 @@ pub struct Stats {
     pub confirmed: AtomicU64,
     /// Sink deliveries retried after a retryable error.
     pub retries: AtomicU64,
-    /// Envelopes some sink rejected permanently.
+    /// Envelopes some sink rejected permanently (and no dead-letter sink
+    /// took).
     pub rejected: AtomicU64,
+    /// Rejected envelopes the dead-letter sink confirmed.
+    pub dead_lettered: AtomicU64,
 }
 
 /// Everything derived from one notification; completes when all of it was
@@ -156,6 +159,17 @@ impl Pipeline {
         sinks: Vec<Arc<dyn Sink>>,
         limits: Limits,
     ) -> (Arc<Pipeline>, Vec<JoinHandle<()>>) {
+        Self::start_with_dead_letter(sinks, None, limits)
+    }
+
+    /// Like [`Pipeline::start`]; envelopes a sink rejects for good go to
+    /// `dead_letter` (with the reason), and count as delivered once it
+    /// confirms them.
+    pub fn start_with_dead_letter(
+        sinks: Vec<Arc<dyn Sink>>,
+        dead_letter: Option<Arc<dyn Sink>>,
+        limits: Limits,
+    ) -> (Arc<Pipeline>, Vec<JoinHandle<()>>) {
         let stats = Arc::new(Stats::default());
         let mut senders = Vec::with_capacity(sinks.len());
         let mut workers = Vec::with_capacity(sinks.len() * limits.lanes);
@@ -166,6 +180,7 @@ impl Pipeline {
                 lanes.push(tx);
                 workers.push(tokio::spawn(worker(
                     sink.clone(),
+                    dead_letter.clone(),
                     rx,
                     limits.max_batch.max(1),
                     stats.clone(),
@@ -254,57 +269,159 @@ fn lane_of(key: &str) -> usize {
     h.finish() as usize
 }
 
+/// Sends `envelopes` through `sink` until each one is confirmed or
+/// rejected for good, retrying retryable failures with backoff from the
+/// first unconfirmed envelope on (which keeps the order) and skipping
+/// those the sink reported confirmed anyway. Reports each envelope once:
+/// `done(i, None)` confirmed, `done(i, Some(e))` rejected.
+async fn deliver(
+    sink: &dyn Sink,
+    envelopes: &[Arc<Envelope>],
+    backoff: &mut Backoff,
+    stats: &Stats,
+    mut done: impl FnMut(usize, Option<SinkError>),
+) {
+    // Indices (into `envelopes`) still to deliver, in order.
+    let mut pending: Vec<usize> = (0..envelopes.len()).collect();
+    while !pending.is_empty() {
+        let retry;
+        let result = if pending.len() == envelopes.len() {
+            sink.send(envelopes).await
+        } else {
+            retry = pending
+                .iter()
+                .map(|&i| envelopes[i].clone())
+                .collect::<Vec<_>>();
+            sink.send(&retry).await
+        };
+        let e = match result {
+            Ok(()) => {
+                pending.iter().for_each(|&i| done(i, None));
+                backoff.reset();
+                return;
+            }
+            Err(e) => e,
+        };
+        let at = e.at.min(pending.len());
+        pending[..at].iter().for_each(|&i| done(i, None));
+        let mut also: Vec<usize> = e
+            .confirmed
+            .iter()
+            .filter(|&&c| c > at && c < pending.len())
+            .map(|&c| pending[c])
+            .collect();
+        also.sort_unstable();
+        also.dedup();
+        also.iter().for_each(|&i| done(i, None));
+        let rest: Vec<usize> = pending[at..]
+            .iter()
+            .copied()
+            .filter(|i| also.binary_search(i).is_err())
+            .collect();
+        let Some(&first) = rest.first() else { return };
+        if e.error.is_retryable() {
+            stats.retries.fetch_add(1, Ordering::Relaxed);
+            let delay = backoff.next_delay();
+            tracing::warn!(
+                sink = sink.describe(),
+                envelope = %envelopes[first].id,
+                error = %e.error,
+                "sink delivery failed; retrying in {delay:?}"
+            );
+            tokio::time::sleep(delay).await;
+            pending = rest;
+        } else {
+            done(first, Some(e.error));
+            pending = rest[1..].to_vec();
+        }
+    }
+}
+
+/// The envelope as the dead-letter sink receives it: unchanged, plus why
+/// and where it was rejected.
+fn dead_letter_copy(env: &Envelope, sink: &dyn Sink, error: &SinkError) -> Arc<Envelope> {
+    let mut event = env.event().clone();
+    event
+        .attributes
+        .insert("dead_letter_reason".into(), error.to_string());
+    event
+        .attributes
+        .insert("dead_letter_sink".into(), sink.describe().to_string());
+    Arc::new(Envelope::new(event))
+}
+
 async fn worker(
     sink: Arc<dyn Sink>,
+    dead_letter: Option<Arc<dyn Sink>>,
     mut rx: mpsc::UnboundedReceiver<Item>,
     max_batch: usize,
     stats: Arc<Stats>,
 ) {
     let mut items = Vec::with_capacity(max_batch);
     let mut envelopes = Vec::with_capacity(max_batch);
+    let mut rejected = Vec::new();
     // Short ceiling: a broker that comes back should see traffic soon.
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut dl_backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     while rx.recv_many(&mut items, max_batch).await > 0 {
         envelopes.extend(items.iter().map(|i| i.envelope.clone()));
-        let mut start = 0;
-        while start < items.len() {
-            match sink.send(&envelopes[start..]).await {
-                Ok(()) => {
-                    items[start..].iter().for_each(|i| i.ticket.done(None));
-                    start = items.len();
-                    backoff.reset();
+        deliver(
+            &*sink,
+            &envelopes,
+            &mut backoff,
+            &stats,
+            |i, outcome| match outcome {
+                None => items[i].ticket.done(None),
+                Some(error) => rejected.push((i, error)),
+            },
+        )
+        .await;
+        for (i, error) in rejected.drain(..) {
+            let item = &items[i];
+            let reason = format!(
+                "{} rejected envelope {}: {}",
+                sink.describe(),
+                item.envelope.id,
+                error
+            );
+            let Some(dl) = &dead_letter else {
+                tracing::error!(
+                    sink = sink.describe(),
+                    envelope = %item.envelope.id,
+                    name = %item.envelope.name,
+                    %error,
+                    "sink rejected envelope permanently; its notification stays unacknowledged"
+                );
+                item.ticket.done(Some(reason));
+                continue;
+            };
+            let copy = dead_letter_copy(&item.envelope, &*sink, &error);
+            let mut outcome = None;
+            deliver(&**dl, &[copy], &mut dl_backoff, &stats, |_, o| outcome = o).await;
+            match outcome {
+                None => {
+                    stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        sink = sink.describe(),
+                        envelope = %item.envelope.id,
+                        name = %item.envelope.name,
+                        %error,
+                        dead_letter = dl.describe(),
+                        "sink rejected envelope permanently; sent to the dead-letter sink"
+                    );
+                    item.ticket.done(None);
                 }
-                Err(e) => {
-                    let at = (start + e.at).min(items.len());
-                    items[start..at].iter().for_each(|i| i.ticket.done(None));
-                    start = at;
-                    let Some(item) = items.get(start) else { break };
-                    if e.error.is_retryable() {
-                        stats.retries.fetch_add(1, Ordering::Relaxed);
-                        let delay = backoff.next_delay();
-                        tracing::warn!(
-                            sink = sink.describe(),
-                            envelope = %item.envelope.id,
-                            error = %e.error,
-                            "sink delivery failed; retrying in {delay:?}"
-                        );
-                        tokio::time::sleep(delay).await;
-                    } else {
-                        tracing::error!(
-                            sink = sink.describe(),
-                            envelope = %item.envelope.id,
-                            name = %item.envelope.name,
-                            error = %e.error,
-                            "sink rejected envelope permanently; its notification stays unacknowledged"
-                        );
-                        item.ticket.done(Some(format!(
-                            "{} rejected envelope {}: {}",
-                            sink.describe(),
-                            item.envelope.id,
-                            e.error
-                        )));
-                        start += 1;
-                    }
+                Some(dl_error) => {
+                    tracing::error!(
+                        sink = sink.describe(),
+                        envelope = %item.envelope.id,
+                        %error,
+                        dead_letter = dl.describe(),
+                        %dl_error,
+                        "the dead-letter sink rejected it too; its notification stays unacknowledged"
+                    );
+                    item.ticket
+                        .done(Some(format!("{reason}; dead letter: {dl_error}")));
                 }
             }
         }

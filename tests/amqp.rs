@@ -252,3 +252,37 @@ async fn amqps_with_a_private_ca_and_verification_on_by_default() {
     let _ = std::fs::remove_dir_all(dir);
     t.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unroutable_envelopes_can_go_to_a_dead_letter_sink() {
+    // Only invocation_finished has a subscriber; everything else is
+    // unroutable and goes to the dead-letter sink instead of blocking.
+    let t = Topology::new(&["*.invocation_finished"]).await;
+    let s = start_sim(sim_config(4, 3)).await;
+    let sink = evbridge::sinks::open(&t.sink_url("")).await.unwrap();
+    let (dead, dead_out) = capture();
+    let mut cfg = bridge_config(&s.url);
+    cfg.dead_letter = Some(dead);
+    let summary = run_until_acked(&s.sim, cfg, vec![sink], Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(s.sim.all_acked(), "{:?}", s.sim.report());
+    let report = s.sim.report();
+    let routed = t.drain("*.invocation_finished", report.invocations).await;
+    assert_eq!(routed.len(), report.invocations);
+    let dead = dead_out.envelopes();
+    assert_eq!(
+        dead.len(),
+        report.notifications + report.invocation_events - report.invocations
+    );
+    assert_eq!(summary.dead_lettered as usize, dead.len());
+    for e in &dead {
+        let reason = e["attributes"]["dead_letter_reason"].as_str().unwrap();
+        assert!(
+            reason.contains("unroutable")
+                && reason.contains(&format!("default.{}", e["name"].as_str().unwrap())),
+            "{reason}"
+        );
+    }
+    t.cleanup().await;
+}

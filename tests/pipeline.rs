@@ -35,10 +35,10 @@ impl Sink for Faulty {
             .position(|e| Some(e.name.as_str()) == self.reject_name)
         {
             self.inner.send(&batch[..at]).await?;
-            return Err(BatchError {
+            return Err(BatchError::new(
                 at,
-                error: SinkError::Permanent("message too large".into()),
-            });
+                SinkError::Permanent("message too large".into()),
+            ));
         }
         self.inner.send(batch).await
     }
@@ -178,4 +178,46 @@ fn envelope(i: usize) -> Envelope {
         attributes: Default::default(),
         payload: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
     })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_sink_takes_rejections_with_the_reason() {
+    let s = start_sim(sim_config(5, 3)).await;
+    let (inner, out) = capture();
+    let sink = Arc::new(Faulty {
+        inner,
+        fail_first: 0,
+        reject_name: Some("build_started"),
+        calls: AtomicUsize::new(0),
+    });
+    let (dead, dead_out) = capture();
+    let mut cfg = bridge_config(&s.url);
+    cfg.dead_letter = Some(dead);
+    let summary = run_until_acked(&s.sim, cfg, vec![sink], Duration::from_secs(60))
+        .await
+        .unwrap();
+    let report = s.sim.report();
+    assert!(
+        s.sim.all_acked(),
+        "dead-lettered counts as delivered: {report:?}"
+    );
+    assert_eq!(summary.dead_lettered as usize, report.builds, "{summary:?}");
+    assert_eq!(summary.rejected, 0);
+    let dead = dead_out.envelopes();
+    assert_eq!(dead.len(), report.builds);
+    for e in &dead {
+        assert_eq!(e["name"], "build_started");
+        let reason = e["attributes"]["dead_letter_reason"].as_str().unwrap();
+        assert!(reason.contains("message too large"), "{reason}");
+        assert_eq!(e["attributes"]["dead_letter_sink"], "faulty");
+    }
+    let mut all = out.lines();
+    all.extend(dead_out.lines().iter().map(|l| {
+        let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let attrs = v["attributes"].as_object_mut().unwrap();
+        attrs.remove("dead_letter_reason");
+        attrs.remove("dead_letter_sink");
+        v.to_string()
+    }));
+    assert_all_present(&s.sim, &all);
 }

@@ -72,7 +72,10 @@ pub struct AmqpSink {
     content_type: String,
     headers: bool,
     confirm_timeout: Duration,
-    link: Mutex<Option<(Connection, Channel)>>,
+    link: Mutex<Option<Connection>>,
+    /// Confirm-mode channels not in use. Each send has a channel of its
+    /// own, so the broker's returns and confirms on it belong to that send.
+    idle: std::sync::Mutex<Vec<Channel>>,
     shown: String,
 }
 
@@ -189,8 +192,20 @@ pub fn open(url: &Url) -> Result<AmqpSink, OpenError> {
         headers,
         confirm_timeout: Duration::from_secs_f64(confirm_timeout),
         link: Mutex::new(None),
+        idle: std::sync::Mutex::new(Vec::new()),
         shown,
     })
+}
+
+async fn open_channel(conn: &Connection) -> Result<Channel, SinkError> {
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(|e| retryable("opening a channel", e))?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| retryable("enabling publisher confirms", e))?;
+    Ok(ch)
 }
 
 /// lapin errors carry the broker's reply text but never the URI, so they
@@ -200,15 +215,23 @@ fn retryable(what: &str, e: impl std::fmt::Display) -> SinkError {
 }
 
 impl AmqpSink {
-    /// The current channel, connecting (and declaring or checking the
-    /// exchange) first when there is none or it broke.
+    /// A confirm-mode channel for one send: an idle one, or a new one on
+    /// the connection, connecting (and declaring or checking the exchange)
+    /// first when there is none or it broke.
     async fn channel(&self) -> Result<Channel, SinkError> {
+        loop {
+            let Some(ch) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() else {
+                break;
+            };
+            if ch.status().connected() {
+                return Ok(ch);
+            }
+        }
         let mut link = self.link.lock().await;
-        if let Some((conn, ch)) = link.as_ref()
+        if let Some(conn) = link.as_ref()
             && conn.status().connected()
-            && ch.status().connected()
         {
-            return Ok(ch.clone());
+            return open_channel(conn).await;
         }
         *link = None;
         let connecting = async {
@@ -229,13 +252,7 @@ impl AmqpSink {
             .await
             .map_err(|_| SinkError::Retryable("connecting to the AMQP broker timed out".into()))?
             .map_err(|e| retryable("connecting to the AMQP broker", e))?;
-        let ch = conn
-            .create_channel()
-            .await
-            .map_err(|e| retryable("opening a channel", e))?;
-        ch.confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| retryable("enabling publisher confirms", e))?;
+        let ch = open_channel(&conn).await?;
         if self.declare != Declare::Skip {
             let options = ExchangeDeclareOptions {
                 passive: self.declare == Declare::Passive,
@@ -261,13 +278,21 @@ impl AmqpSink {
                 ))
             })?;
         }
-        *link = Some((conn, ch.clone()));
+        *link = Some(conn);
         Ok(ch)
+    }
+
+    /// Returns a channel after a send that left it healthy.
+    fn give_back(&self, ch: Channel) {
+        if ch.status().connected() {
+            self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(ch);
+        }
     }
 
     /// Forgets the connection so the next send builds a new one.
     async fn reset(&self) {
-        if let Some((conn, _)) = self.link.lock().await.take() {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        if let Some(conn) = self.link.lock().await.take() {
             // Closing a broken connection may not finish: do not wait long.
             let _ = tokio::time::timeout(
                 Duration::from_secs(1),
@@ -333,7 +358,7 @@ impl Sink for AmqpSink {
         };
         let mut confirms = Vec::with_capacity(batch.len());
         let mut publish_error = None;
-        for (i, env) in batch.iter().enumerate() {
+        for env in batch {
             let key = self.routing_key_for(env);
             match ch
                 .basic_publish(
@@ -347,43 +372,70 @@ impl Sink for AmqpSink {
             {
                 Ok(confirm) => confirms.push((confirm, key)),
                 Err(e) => {
-                    publish_error = Some((i, retryable("publishing", e)));
+                    publish_error = Some(retryable("publishing", e));
                     break;
                 }
             }
         }
+        let published = confirms.len();
         // One deadline for the whole batch: confirms come in order.
         let deadline = tokio::time::Instant::now() + self.confirm_timeout;
-        let mut failure = None;
+        let mut outcomes: Vec<Option<SinkError>> = vec![None; published];
+        let mut returned = Vec::new();
         for (i, (confirm, key)) in confirms.into_iter().enumerate() {
-            let outcome = match tokio::time::timeout_at(deadline, confirm).await {
-                Ok(Ok(Confirmation::Ack(None) | Confirmation::NotRequested)) => continue,
-                Ok(Ok(Confirmation::Ack(Some(returned)))) => SinkError::Permanent(format!(
-                    "unroutable: exchange `{}` has no binding for routing key `{key}` ({} {})",
-                    self.exchange, returned.reply_code, returned.reply_text
-                )),
-                Ok(Ok(Confirmation::Nack(_))) => SinkError::Retryable(format!(
-                    "the broker nacked the message (routing key `{key}`)"
-                )),
-                Ok(Err(e)) => retryable("waiting for the publisher confirm", e),
-                Err(_) => SinkError::Retryable(format!(
+            outcomes[i] = match tokio::time::timeout_at(deadline, confirm).await {
+                Ok(Ok(Confirmation::Ack(r))) => {
+                    returned.extend(r);
+                    None
+                }
+                Ok(Ok(Confirmation::NotRequested)) => None,
+                Ok(Ok(Confirmation::Nack(r))) => {
+                    returned.extend(r);
+                    Some(SinkError::Retryable(format!(
+                        "the broker nacked the message (routing key `{key}`)"
+                    )))
+                }
+                Ok(Err(e)) => Some(retryable("waiting for the publisher confirm", e)),
+                Err(_) => Some(SinkError::Retryable(format!(
                     "no publisher confirm within {:?}",
                     self.confirm_timeout
-                )),
+                ))),
             };
-            if failure.is_none() {
-                failure = Some((i, outcome));
-            }
         }
-        match failure.or(publish_error) {
-            None => Ok(()),
-            Some((at, error)) => {
-                if error.is_retryable() {
-                    self.reset().await;
-                }
-                Err(BatchError { at, error })
-            }
+        // lapin hands a returned (unroutable) message to whichever confirm
+        // completes next, so find its envelope by message id instead.
+        for r in returned {
+            let id = r.delivery.properties.message_id().clone();
+            let at = id.as_ref().and_then(|id| {
+                (0..published).find(|&j| batch[j].id == id.as_str() && outcomes[j].is_none())
+            });
+            let Some(j) = at else {
+                tracing::warn!(sink = %self.shown, message_id = ?id, "returned message not from this batch");
+                continue;
+            };
+            outcomes[j] = Some(SinkError::Permanent(format!(
+                "unroutable: exchange `{}` has no binding for routing key `{}` ({} {})",
+                self.exchange, r.delivery.routing_key, r.reply_code, r.reply_text
+            )));
         }
+        let first = outcomes.iter().position(Option::is_some);
+        let (at, error) = match (first, publish_error) {
+            (None, None) => {
+                self.give_back(ch);
+                return Ok(());
+            }
+            (Some(at), _) => (at, outcomes[at].take().expect("found above")),
+            (None, Some(e)) => (published, e),
+        };
+        let confirmed = (at + 1..published)
+            .filter(|&i| outcomes[i].is_none())
+            .collect();
+        if error.is_retryable() {
+            self.reset().await;
+        } else {
+            self.give_back(ch);
+        }
+        Err(BatchError::new(at, error).with_confirmed(confirmed))
     }
 
     async fn healthcheck(&self) -> Result<(), SinkError> {
@@ -392,7 +444,8 @@ impl Sink for AmqpSink {
 
     async fn flush(&self) -> Result<(), SinkError> {
         // Every send already waited for its confirms; close politely.
-        if let Some((conn, _)) = self.link.lock().await.take() {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        if let Some(conn) = self.link.lock().await.take() {
             let _ = tokio::time::timeout(
                 Duration::from_secs(5),
                 conn.close(200, "evbridge done".into()),

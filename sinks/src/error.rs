@@ -23,7 +23,7 @@ impl SinkError {
 }
 
 /// A batch stopped at envelope `at`: everything before it was confirmed,
-/// nothing from `at` on was.
+/// `at` itself was not, and of the rest only those in `confirmed` were.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[error("envelope {at} of the batch: {error}")]
 pub struct BatchError {
@@ -31,12 +31,30 @@ pub struct BatchError {
     pub at: usize,
     /// Why.
     pub error: SinkError,
+    /// Indices after `at` that the destination confirmed anyway, so the
+    /// pipeline does not send them again (fewer duplicates).
+    pub confirmed: Vec<usize>,
 }
 
 impl BatchError {
+    /// A failure at envelope `at`; nothing after it known to be confirmed.
+    pub fn new(at: usize, error: SinkError) -> Self {
+        BatchError {
+            at,
+            error,
+            confirmed: Vec::new(),
+        }
+    }
+
     /// A failure of the whole batch (nothing confirmed).
     pub fn all(error: SinkError) -> Self {
-        BatchError { at: 0, error }
+        BatchError::new(0, error)
+    }
+
+    /// Records which envelopes after `at` were confirmed anyway.
+    pub fn with_confirmed(mut self, confirmed: Vec<usize>) -> Self {
+        self.confirmed = confirmed;
+        self
     }
 }
 

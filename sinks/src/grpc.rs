@@ -186,7 +186,7 @@ impl Sink for GrpcSink {
             for (at, env) in batch.iter().enumerate() {
                 forward(self.channel.clone(), env.clone(), self.timeout)
                     .await
-                    .map_err(|error| BatchError { at, error })?;
+                    .map_err(|error| BatchError::new(at, error))?;
             }
             return Ok(());
         }
@@ -212,14 +212,14 @@ impl Sink for GrpcSink {
                 }
             }
         }
-        match outcomes
-            .into_iter()
-            .enumerate()
-            .find_map(|(i, o)| o.map(|e| (i, e)))
-        {
-            None => Ok(()),
-            Some((at, error)) => Err(BatchError { at, error }),
-        }
+        let Some(at) = outcomes.iter().position(Option::is_some) else {
+            return Ok(());
+        };
+        let confirmed = (at + 1..outcomes.len())
+            .filter(|&i| outcomes[i].is_none())
+            .collect();
+        let error = outcomes[at].take().expect("found above");
+        Err(BatchError::new(at, error).with_confirmed(confirmed))
     }
 
     async fn healthcheck(&self) -> Result<(), SinkError> {

@@ -391,10 +391,16 @@ impl Sink for KafkaSink {
         // Wait for every report, so a retry does not race records still in
         // flight; the first failure decides where the batch stopped.
         let mut first_failure: Option<(usize, SinkError)> = None;
+        let mut confirmed_after = Vec::new();
         let mut spoiled = false;
         for (i, delivery) in pending.into_iter().enumerate() {
             let outcome = match delivery.await {
-                Ok(Ok(_)) => continue,
+                Ok(Ok(_)) => {
+                    if first_failure.is_some() {
+                        confirmed_after.push(i);
+                    }
+                    continue;
+                }
                 Ok(Err((e, _))) => {
                     // An idempotent producer whose records timed out may
                     // keep waiting on a producer id the restarted broker
@@ -409,7 +415,7 @@ impl Sink for KafkaSink {
         }
         if let Some((at, error)) = first_failure.or(enqueue_error) {
             self.recover(&producer, spoiled);
-            return Err(BatchError { at, error });
+            return Err(BatchError::new(at, error).with_confirmed(confirmed_after));
         }
         Ok(())
     }
