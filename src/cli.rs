@@ -136,6 +136,9 @@ struct BridgeArgs {
     /// Envelopes not yet confirmed by every sink, at most (bounds memory).
     #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     max_in_flight: u64,
+    /// Notifications handled at once, at most (bounds redelivery after a crash).
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    max_notifications: u64,
     /// Envelopes per sink call, at most.
     #[arg(long, value_name = "N", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
     max_batch: u64,
@@ -348,6 +351,7 @@ fn bridge_config(args: &BridgeArgs, source: String) -> Result<BridgeConfig, Fail
         Replay::UntilComplete => ReplayMode::UntilComplete,
     };
     source.shutdown_grace = Duration::from_secs_f64(args.shutdown_timeout);
+    source.max_notifications = args.max_notifications as usize;
     let mut cfg = BridgeConfig::new(source);
     cfg.topics = Topics {
         lifecycle: args.lifecycle_topic.clone(),

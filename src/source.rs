@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::InterceptedService;
@@ -53,6 +53,10 @@ pub struct SourceConfig {
     pub shutdown_grace: Duration,
     /// Most acknowledgement tokens per request.
     pub ack_batch: usize,
+    /// Notifications handled at once, at most. With `max_in_flight` this
+    /// bounds what a crash can make the cluster redeliver (and the sinks
+    /// see twice).
+    pub max_notifications: usize,
 }
 
 impl std::fmt::Debug for SourceConfig {
@@ -83,6 +87,7 @@ impl SourceConfig {
             replay: es::replay_mode_options::ReplayMode::StopAfterLastKnown,
             shutdown_grace: Duration::from_secs(10),
             ack_batch: 1000,
+            max_notifications: 256,
         }
     }
 }
@@ -209,6 +214,8 @@ pub struct Source {
     store: StoreClient,
     normalizer: Normalizer,
     pipeline: Arc<Pipeline>,
+    /// Notifications being handled (not yet acknowledged or given up).
+    in_progress: Arc<Semaphore>,
     stats: SourceStats,
 }
 
@@ -250,6 +257,7 @@ impl Source {
             .max_decoding_message_size(max),
             store: es::event_store_client::EventStoreClient::with_interceptor(channel, auth)
                 .max_decoding_message_size(max),
+            in_progress: Arc::new(Semaphore::new(cfg.max_notifications.max(1))),
             cfg,
             normalizer,
             pipeline,
@@ -370,7 +378,9 @@ impl Source {
         let mut tasks = JoinSet::new();
         // Token → notification id, to name notifications in receipt logs.
         let mut pending: HashMap<String, String> = HashMap::new();
-        let mut slot: Option<Slot> = None;
+        // Room for one more notification (held until it is done) and for
+        // its first envelope, reserved before reading the next one.
+        let mut slot: Option<(OwnedSemaphorePermit, Slot)> = None;
         let mut drain_until: Option<tokio::time::Instant> = None;
         let mut delivered_any = false;
         let mut tokens = Vec::new();
@@ -393,7 +403,7 @@ impl Source {
                     }
                 }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                s = self.pipeline.reserve(), if slot.is_none() && drain_until.is_none() => slot = Some(s),
+                s = self.reserve(), if slot.is_none() && drain_until.is_none() => slot = Some(s),
                 msg = inbound.message(), if slot.is_some() && drain_until.is_none() => match msg {
                     Ok(Some(resp)) => {
                         for r in resp.acknowledgement_receipt {
@@ -413,8 +423,12 @@ impl Source {
                             delivered_any = true;
                             self.stats.received.fetch_add(1, Ordering::Relaxed);
                             pending.insert(an.token.clone(), n.id.clone());
-                            let slot = slot.take().expect("guarded");
-                            tasks.spawn(self.clone().handle(n, an.token, slot, ack_tx.clone(), shutdown.clone()));
+                            let (permit, slot) = slot.take().expect("guarded");
+                            let task = self.clone().handle(n, an.token, slot, ack_tx.clone(), shutdown.clone());
+                            tasks.spawn(async move {
+                                task.await;
+                                drop(permit);
+                            });
                         }
                     }
                     // A stream that ended after doing work is normal server
@@ -464,6 +478,17 @@ impl Source {
             tasks.detach_all();
         }
         end
+    }
+
+    /// Waits for room for one more notification and its first envelope.
+    async fn reserve(&self) -> (OwnedSemaphorePermit, Slot) {
+        let permit = self
+            .in_progress
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        (permit, self.pipeline.reserve().await)
     }
 
     /// One notification: deliver everything derived from it, then ack.
