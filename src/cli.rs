@@ -278,6 +278,27 @@ fn read_file(flag: &str, path: &Path) -> Result<Vec<u8>, Failure> {
         .map_err(|e| Failure::usage(format!("cannot read {flag} `{}`: {e}", path.display())))
 }
 
+/// Reads a PEM file and checks it holds a block of the expected kind
+/// (`CERTIFICATE` or `PRIVATE KEY`), so a wrong file is a clear error at
+/// start instead of an opaque TLS failure later. Contents never appear in
+/// the message.
+fn read_pem(flag: &str, path: &Path, kind: &str) -> Result<Vec<u8>, Failure> {
+    let bytes = read_file(flag, path)?;
+    let text = String::from_utf8_lossy(&bytes);
+    let found = text
+        .lines()
+        .any(|l| l.starts_with("-----BEGIN ") && l.trim_end().ends_with(&format!("{kind}-----")));
+    if found {
+        Ok(bytes)
+    } else {
+        Err(Failure::usage(format!(
+            "{flag} `{}` holds no PEM {} (expected a `-----BEGIN …{kind}-----` block)",
+            path.display(),
+            kind.to_lowercase()
+        )))
+    }
+}
+
 /// Runs the parsed command line; returns the process exit code.
 pub async fn main(cli: Cli) -> ExitCode {
     let result = match cli.command {
@@ -326,13 +347,16 @@ fn bridge_config(args: &BridgeArgs, source: String) -> Result<BridgeConfig, Fail
         return Err(Failure::usage("the auth token is empty"));
     }
     let tls_identity = match (&args.tls_cert, &args.tls_key) {
-        (Some(c), Some(k)) => Some((read_file("--tls-cert", c)?, read_file("--tls-key", k)?)),
+        (Some(c), Some(k)) => Some((
+            read_pem("--tls-cert", c, "CERTIFICATE")?,
+            read_pem("--tls-key", k, "PRIVATE KEY")?,
+        )),
         _ => None,
     };
     let tls_ca = args
         .tls_ca
         .as_ref()
-        .map(|p| read_file("--tls-ca", p))
+        .map(|p| read_pem("--tls-ca", p, "CERTIFICATE"))
         .transpose()?;
     if !(args.shutdown_timeout.is_finite() && args.shutdown_timeout >= 0.0) {
         return Err(Failure::usage(
@@ -435,14 +459,15 @@ async fn run_sim(args: SimArgs) -> Result<(), Failure> {
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(c), Some(k)) => {
             let identity = tonic::transport::Identity::from_pem(
-                read_file("--tls-cert", c)?,
-                read_file("--tls-key", k)?,
+                read_pem("--tls-cert", c, "CERTIFICATE")?,
+                read_pem("--tls-key", k, "PRIVATE KEY")?,
             );
             let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
             if let Some(ca) = &args.client_ca {
-                tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read_file(
+                tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read_pem(
                     "--client-ca",
                     ca,
+                    "CERTIFICATE",
                 )?));
             }
             Some(tls)

@@ -173,7 +173,7 @@ pub fn connect(cfg: &SourceConfig) -> Result<(Channel, Auth), SourceError> {
         }
         endpoint = endpoint
             .tls_config(tls_cfg)
-            .map_err(|e| SourceError::Config(format!("TLS configuration: {e}")))?;
+            .map_err(|e| SourceError::Config(format!("TLS configuration: {}", chain(&e))))?;
     } else if cfg.tls_identity.is_some() || cfg.tls_ca.is_some() {
         return Err(SourceError::Config(
             "TLS options need a grpcs:// source".into(),
@@ -190,6 +190,18 @@ pub fn connect(cfg: &SourceConfig) -> Result<(Channel, Auth), SourceError> {
         }
     };
     Ok((endpoint.connect_lazy(), auth))
+}
+
+/// An error with its sources ("transport error: invalid key …").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// Counters of the source.

@@ -188,6 +188,16 @@ fn token_required_then_taken_from_env_and_file() {
 
 #[test]
 fn bad_input_is_one_line_and_exit_code_2() {
+    let junk = std::env::temp_dir().join(format!("evbridge-junk-{}.pem", std::process::id()));
+    std::fs::write(&junk, "hunter2 is not a key\n").unwrap();
+    let junk = junk.to_str().unwrap().to_string();
+    let pem = std::env::temp_dir().join(format!("evbridge-ca-{}.pem", std::process::id()));
+    std::fs::write(
+        &pem,
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let pem = pem.to_str().unwrap().to_string();
     let cases: &[(&[&str], &str)] = &[
         (
             &["--source", "grpc://127.0.0.1:1", "--sink", "ftp://x"],
@@ -244,7 +254,7 @@ fn bad_input_is_one_line_and_exit_code_2() {
             "cannot read --tls-ca",
         ),
         (
-            &["--source", "grpc://h:1", "--tls-ca", "/etc/hostname"],
+            &["--source", "grpc://h:1", "--tls-ca", &pem],
             "need a grpcs:// source",
         ),
         (
@@ -252,6 +262,25 @@ fn bad_input_is_one_line_and_exit_code_2() {
             "30..=300",
         ),
         (&["--sink", "stdout://"], "no source"),
+        (
+            &[
+                "--source",
+                "grpcs://h:1",
+                "--tls-cert",
+                &junk,
+                "--tls-key",
+                &junk,
+            ],
+            "holds no PEM certificate",
+        ),
+        (
+            &["--source", "grpcs://h:1", "--tls-ca", &junk],
+            "holds no PEM certificate",
+        ),
+        (
+            &["sim", "--tls-cert", &junk, "--tls-key", &junk],
+            "holds no PEM certificate",
+        ),
         (&["--source", "grpc://h:1", "--bogus-flag"], "--bogus-flag"),
     ];
     for (args, want) in cases {
