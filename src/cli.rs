@@ -39,6 +39,20 @@ Examples:
   # Several sinks: an envelope is done only when every sink confirmed it
   evbridge --source grpc://127.0.0.1:8080 --sink stdout:// --sink none://
 
+  # Kafka: AccelByte-style prefix, one partition per invocation, zstd
+  evbridge --source grpcs://cluster.example.com \
+           --sink 'kafka://k1:9092,k2:9092/{topic}?prefix=ci&compression=zstd'
+
+  # RabbitMQ: routing keys like default.invocation_finished, persistent, confirmed
+  evbridge --source grpcs://cluster.example.com \
+           --sink 'amqp://bridge:PASSWORD@mq:5672/ci?exchange=builds&declare=true'
+
+  # EngFlow's demo-server receivers (same as the example client's --forward)
+  evbridge --source grpcs://cluster.example.com --forward localhost:50051
+
+  # Rejected for good? Keep it somewhere instead of blocking its notification
+  evbridge --source grpc://127.0.0.1:8080 --sink kafka://k1:9092 --dead-letter stdout://
+
   # A local simulated cluster, for tests and benchmarks
   evbridge sim --listen 127.0.0.1:8080 --builds 100 --token secret
 
@@ -46,6 +60,10 @@ Sink URLs:
   stdout://[?format=json|pretty]      one JSON object per line (or indented)
   blackhole://[?interval=SECONDS]     count and discard; print a rate line every N s
   none://                             same as blackhole://
+  kafka://HOST:PORT[,HOST:PORT...]/TOPIC[?prefix=P&key=K&acks=A&compression=C&rdkafka.PROP=V]
+  amqp[s]://USER:PASS@HOST:PORT/VHOST?exchange=E[&routing_key=T&declare=true|passive]
+  grpc[s]://HOST:PORT[?window=N&ordered=true&timeout=S&ca=PATH]
+  (passwords in URLs are never logged, but command lines are visible to other local users)
 ";
 
 /// evbridge: bridge EngFlow build events to sinks, never losing one.
