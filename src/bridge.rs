@@ -110,7 +110,11 @@ pub async fn run(
     // streams may still hold one, so wait only so long.
     drop(source);
     drop(pipeline);
-    let all = futures_join(workers);
+    let all = async {
+        for w in workers {
+            let _ = w.await;
+        }
+    };
     if tokio::time::timeout(Duration::from_secs(5), all)
         .await
         .is_err()
@@ -118,10 +122,4 @@ pub async fn run(
         warn!("sinks did not finish within 5s of shutdown");
     }
     result.map(|()| summary)
-}
-
-async fn futures_join(workers: Vec<tokio::task::JoinHandle<()>>) {
-    for w in workers {
-        let _ = w.await;
-    }
 }

@@ -37,13 +37,6 @@ impl Drop for Trigger {
 }
 
 impl Shutdown {
-    /// A listener that never fires, for callers that stop by other means.
-    pub fn never() -> Self {
-        let (tx, rx) = watch::channel(false);
-        std::mem::forget(tx);
-        Shutdown(rx)
-    }
-
     /// True once the shutdown was asked for.
     pub fn is_shutdown(&self) -> bool {
         *self.0.borrow()
