@@ -1,44 +1,14 @@
 //! The real binary: `evbridge sim` and the bridge as separate processes,
 //! EngFlow example-client flag aliases, exit codes, secrets.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::process::{SimProcess as Sim, spawn_sim as sim};
+
 const BIN: &str = env!("CARGO_BIN_EXE_evbridge");
-
-struct Sim {
-    child: Child,
-    url: String,
-}
-
-/// Starts `evbridge sim` on a free port; returns it and its URL.
-fn sim(args: &[&str]) -> Sim {
-    let mut child = Command::new(BIN)
-        .args(["sim", "--listen", "127.0.0.1:0"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("evbridge sim listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-        .to_string();
-    Sim { child, url }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn wait_with_deadline(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
     let start = Instant::now();

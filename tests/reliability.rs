@@ -3,36 +3,14 @@
 //! reach the output, even at trace level.
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::process::{Killed as Proc, SimProcess, spawn_sim as sim};
+
 const BIN: &str = env!("CARGO_BIN_EXE_evbridge");
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `evbridge sim` on a free port; returns it and its URL.
-fn sim(args: &[&str]) -> (Proc, String) {
-    let mut child = Command::new(BIN)
-        .args(["sim", "--listen", "127.0.0.1:0"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line.trim().rsplit(' ').next().unwrap().to_string();
-    (Proc(child), url)
-}
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -45,15 +23,15 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// The simulator's report, asked for with SIGUSR1.
-fn sim_report(sim: &mut Proc) -> serde_json::Value {
+fn sim_report(sim: &mut SimProcess) -> serde_json::Value {
     let ok = Command::new("kill")
-        .args(["-USR1", &sim.0.id().to_string()])
+        .args(["-USR1", &sim.child.id().to_string()])
         .status()
         .unwrap()
         .success();
     assert!(ok);
     let mut line = String::new();
-    BufReader::new(sim.0.stdout.as_mut().unwrap())
+    BufReader::new(sim.child.stdout.as_mut().unwrap())
         .read_line(&mut line)
         .unwrap();
     serde_json::from_str(&line).unwrap()
@@ -62,7 +40,7 @@ fn sim_report(sim: &mut Proc) -> serde_json::Value {
 #[test]
 fn a_stalled_sink_bounds_memory_and_pauses_the_pull() {
     // 120,000+ envelopes available at once, no per-reader cap to help.
-    let (mut s, url) = sim(&[
+    let mut s = sim(&[
         "--builds",
         "4000",
         "--events-per-invocation",
@@ -76,7 +54,7 @@ fn a_stalled_sink_bounds_memory_and_pauses_the_pull() {
         Command::new(BIN)
             .args([
                 "--source",
-                &url,
+                &s.url,
                 "--sink",
                 "stdout://",
                 "--max-in-flight",
@@ -120,7 +98,8 @@ fn a_stalled_sink_bounds_memory_and_pauses_the_pull() {
 
 #[test]
 fn secrets_never_reach_logs_or_errors_even_at_trace_level() {
-    let (_s, url) = sim(&["--builds", "3", "--token", "tok-SECRET-4711"]);
+    let s = sim(&["--builds", "3", "--token", "tok-SECRET-4711"]);
+    let url = s.url.clone();
     let kafka = "kafka://127.0.0.1:1/t?rdkafka.security.protocol=sasl_plaintext\
                  &rdkafka.sasl.mechanism=PLAIN&rdkafka.sasl.username=u\
                  &rdkafka.sasl.password=kafka-SECRET-0815";

@@ -5,6 +5,7 @@
 
 pub mod brokers;
 pub mod pki;
+pub mod process;
 #[cfg(feature = "amqp")]
 pub mod rabbit;
 
