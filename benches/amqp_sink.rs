@@ -20,6 +20,18 @@ use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
+/// CPU seconds this process used so far (user + system), from
+/// /proc/self/stat: with RabbitMQ on the same 2 cores, client CPU per
+/// message is what competes with the broker.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 of the line; 12 and 13 after the `)`.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn broker_url() -> String {
     std::env::var("EVBRIDGE_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
@@ -89,12 +101,11 @@ fn same_properties(env: &Envelope) -> BasicProperties {
         .with_headers(table)
 }
 
-async fn bridge_path(exchange: &str, envs: &[Envelope]) -> Duration {
+async fn bridge_path(exchange: &str, envs: Vec<Envelope>) -> Duration {
     let extra = std::env::var("EVBRIDGE_BENCH_SINK_OPTS").unwrap_or_default();
     let url = format!("{}?exchange={exchange}{extra}", broker_url());
     let sink = evbridge::sinks::open(&url).await.unwrap();
     sink.healthcheck().await.unwrap();
-    let copies = envs.to_vec();
     let mut limits = Limits::default();
     if let Some(l) = std::env::var("EVBRIDGE_BENCH_LANES")
         .ok()
@@ -111,7 +122,7 @@ async fn bridge_path(exchange: &str, envs: &[Envelope]) -> Duration {
     let (pipeline, _workers) = Pipeline::start(vec![sink], limits);
     let start = Instant::now();
     let tracker = pipeline.tracker();
-    for env in copies {
+    for env in envs {
         pipeline.submit(&tracker, env).await;
     }
     tracker.finish().await.expect("all confirmed");
@@ -197,18 +208,25 @@ async fn main() {
     );
 
     raw_lapin(&ch, &exchange, &envs[..1000]).await;
-    bridge_path(&exchange, &envs[..1000]).await;
+    bridge_path(&exchange, envs[..1000].to_vec()).await;
     purge(&ch, &queue).await;
     let (mut best_raw, mut best_bridge) = (f64::MAX, f64::MAX);
     for round in 1..=3 {
+        let cpu = cpu_seconds();
         let raw = raw_lapin(&ch, &exchange, &envs).await.as_secs_f64();
+        let raw_cpu = cpu_seconds() - cpu;
         purge(&ch, &queue).await;
-        let bridge = bridge_path(&exchange, &envs).await.as_secs_f64();
+        let copies = envs.clone();
+        let cpu = cpu_seconds();
+        let bridge = bridge_path(&exchange, copies).await.as_secs_f64();
+        let bridge_cpu = cpu_seconds() - cpu;
         purge(&ch, &queue).await;
         println!(
-            "round {round}: raw lapin {:>8.0}/s   bridge amqp sink {:>8.0}/s   ratio {:.2}",
+            "round {round}: raw lapin {:>8.0}/s ({:.1} µs CPU/msg)   bridge amqp sink {:>8.0}/s ({:.1} µs CPU/msg)   ratio {:.2}",
             n as f64 / raw,
+            raw_cpu * 1e6 / n as f64,
             n as f64 / bridge,
+            bridge_cpu * 1e6 / n as f64,
             raw / bridge
         );
         best_raw = best_raw.min(raw);

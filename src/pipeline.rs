@@ -135,7 +135,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_in_flight: 10_000,
-            max_batch: 512,
+            max_batch: 2048,
             lanes: 4,
         }
     }

@@ -378,30 +378,40 @@ impl Sink for AmqpSink {
             }
         }
         let published = confirms.len();
-        // One deadline for the whole batch: confirms come in order.
-        let deadline = tokio::time::Instant::now() + self.confirm_timeout;
-        let mut outcomes: Vec<Option<SinkError>> = vec![None; published];
+        // One timer for the whole batch (confirms come in order); a confirm
+        // still missing at the deadline leaves its outcome unset.
+        let mut outcomes: Vec<Option<Option<SinkError>>> = vec![None; published];
         let mut returned = Vec::new();
-        for (i, (confirm, key)) in confirms.into_iter().enumerate() {
-            outcomes[i] = match tokio::time::timeout_at(deadline, confirm).await {
-                Ok(Ok(Confirmation::Ack(r))) => {
-                    returned.extend(r);
-                    None
-                }
-                Ok(Ok(Confirmation::NotRequested)) => None,
-                Ok(Ok(Confirmation::Nack(r))) => {
-                    returned.extend(r);
+        let waiting = async {
+            for (i, (confirm, key)) in confirms.iter_mut().enumerate() {
+                outcomes[i] = Some(match confirm.await {
+                    Ok(Confirmation::Ack(r)) => {
+                        returned.extend(r);
+                        None
+                    }
+                    Ok(Confirmation::NotRequested) => None,
+                    Ok(Confirmation::Nack(r)) => {
+                        returned.extend(r);
+                        Some(SinkError::Retryable(format!(
+                            "the broker nacked the message (routing key `{key}`)"
+                        )))
+                    }
+                    Err(e) => Some(retryable("waiting for the publisher confirm", e)),
+                });
+            }
+        };
+        let _ = tokio::time::timeout(self.confirm_timeout, waiting).await;
+        let mut outcomes: Vec<Option<SinkError>> = outcomes
+            .into_iter()
+            .map(|o| {
+                o.unwrap_or_else(|| {
                     Some(SinkError::Retryable(format!(
-                        "the broker nacked the message (routing key `{key}`)"
+                        "no publisher confirm within {:?}",
+                        self.confirm_timeout
                     )))
-                }
-                Ok(Err(e)) => Some(retryable("waiting for the publisher confirm", e)),
-                Err(_) => Some(SinkError::Retryable(format!(
-                    "no publisher confirm within {:?}",
-                    self.confirm_timeout
-                ))),
-            };
-        }
+                })
+            })
+            .collect();
         // lapin hands a returned (unroutable) message to whichever confirm
         // completes next, so find its envelope by message id instead.
         for r in returned {
