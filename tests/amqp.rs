@@ -78,9 +78,7 @@ async fn subscribers_get_exactly_their_routing_keys_all_persistent_json() {
 }
 
 fn envelope() -> Arc<Envelope> {
-    let n = evbridge::normalize::Normalizer::default();
-    let world = evbridge::sim_gen::generate(&Default::default());
-    Arc::new(n.lifecycle(&world.notifications[0]).envelope)
+    envelopes(1).remove(0)
 }
 
 #[tokio::test]
@@ -284,5 +282,127 @@ async fn unroutable_envelopes_can_go_to_a_dead_letter_sink() {
             "{reason}"
         );
     }
+    t.cleanup().await;
+}
+
+fn envelopes(n: usize) -> Vec<Arc<Envelope>> {
+    let n_ = evbridge::normalize::Normalizer::default();
+    let world = evbridge::sim_gen::generate(&Default::default());
+    world.notifications[..n]
+        .iter()
+        .map(|x| Arc::new(n_.lifecycle(x).envelope))
+        .collect()
+}
+
+#[tokio::test]
+async fn exchange_deleted_mid_run_reconnects_redeclares_and_redelivers() {
+    let t = Topology::new(&["#"]).await;
+    let sink = evbridge::sinks::open(&t.sink_url("&declare=true"))
+        .await
+        .unwrap();
+    let batch = envelopes(6);
+    sink.send(&batch[..3]).await.expect("exchange exists");
+
+    // Somebody deletes the exchange (and with it the binding) mid-run.
+    t.ch.exchange_delete(t.exchange.as_str().into(), ExchangeDeleteOptions::default())
+        .await
+        .unwrap();
+    let e = sink
+        .send(&batch[3..])
+        .await
+        .expect_err("the broker closes the channel: no such exchange");
+    assert!(e.error.is_retryable(), "{e}");
+    assert!(e.at == 0, "nothing of the batch counts as confirmed: {e}");
+
+    // The sink re-declares it on reconnect; the operator re-binds the
+    // queue; the retried batch then arrives.
+    sink.healthcheck()
+        .await
+        .expect("reconnected, exchange re-declared");
+    t.ch.exchange_declare(
+        t.exchange.as_str().into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("the sink declared the exchange again");
+    t.ch.queue_bind(
+        t.queues["#"].as_str().into(),
+        t.exchange.as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    sink.send(&batch[3..])
+        .await
+        .expect("retried after reconnect");
+    let got = t.drain("#", 6).await;
+    let mut ids: Vec<&str> = got.iter().map(|(v, _)| v["id"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut want: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
+    want.sort_unstable();
+    assert_eq!(ids, want, "every envelope arrived");
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_nack_is_a_retryable_failure_and_the_retry_delivers() {
+    // A queue that refuses publishes when full makes RabbitMQ nack them.
+    let t = Topology::new(&[]).await;
+    let q = unique("evb-q-full");
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(2));
+    args.insert(
+        "x-overflow".into(),
+        lapin::types::AMQPValue::LongString("reject-publish".into()),
+    );
+    t.ch.queue_declare(q.as_str().into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    t.ch.queue_bind(
+        q.as_str().into(),
+        t.exchange.as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let sink = evbridge::sinks::open(&t.sink_url("")).await.unwrap();
+    let batch = envelopes(3);
+    let e = sink.send(&batch).await.expect_err("the third is nacked");
+    assert_eq!(e.at, 2, "two confirmed, the third not: {e}");
+    assert!(e.error.is_retryable(), "{e}");
+    assert!(e.error.to_string().contains("nacked"), "{e}");
+
+    // Room again: the retry of what was not confirmed succeeds.
+    t.ch.queue_purge(q.as_str().into(), QueuePurgeOptions::default())
+        .await
+        .unwrap();
+    sink.send(&batch[2..]).await.expect("retry delivers");
+    let m =
+        t.ch.basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+            .expect("the retried message");
+    assert_eq!(
+        m.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .unwrap()
+            .as_str(),
+        batch[2].id
+    );
+    let _ =
+        t.ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
     t.cleanup().await;
 }
