@@ -1,6 +1,7 @@
 //! The bridge assembled: source → normalize → pipeline → sinks, with a
 //! `run` entry point that tests call in-process.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -8,10 +9,13 @@ use std::time::Duration;
 use evbridge_sinks::Sink;
 use tracing::{info, warn};
 
+use crate::admin::{self, Admin};
+use crate::health::{self, Health};
 use crate::normalize::{Normalizer, Topics};
 use crate::pipeline::{Limits, Pipeline};
-use crate::shutdown::Shutdown;
+use crate::shutdown::{self, Shutdown};
 use crate::source::{Source, SourceConfig, SourceError, connect};
+use crate::telemetry;
 
 /// Everything the bridge needs besides its sinks.
 #[derive(Debug, Clone)]
@@ -25,6 +29,12 @@ pub struct BridgeConfig {
     /// Where envelopes a sink rejected for good go (else their
     /// notifications stay unacknowledged).
     pub dead_letter: Option<Arc<dyn Sink>>,
+    /// Serve `/metrics`, `/healthz` and `/readyz` here.
+    pub metrics_listen: Option<SocketAddr>,
+    /// How often each sink's health is checked.
+    pub health_interval: Duration,
+    /// How often the stats line is logged (never if `None`).
+    pub stats_interval: Option<Duration>,
 }
 
 impl BridgeConfig {
@@ -35,6 +45,9 @@ impl BridgeConfig {
             topics: Topics::default(),
             limits: Limits::default(),
             dead_letter: None,
+            metrics_listen: None,
+            health_interval: Duration::from_secs(5),
+            stats_interval: None,
         }
     }
 }
@@ -66,23 +79,19 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<Summary, SourceError> {
     let (channel, auth) = connect(&cfg.source)?;
-    // Tell the operator early when a destination is not reachable; the
-    // pipeline retries regardless, so this only warns.
-    for sink in &sinks {
-        let sink = sink.clone();
-        tokio::spawn(async move {
-            match tokio::time::timeout(Duration::from_secs(10), sink.healthcheck()).await {
-                Ok(Ok(())) => info!(sink = sink.describe(), "sink healthy"),
-                Ok(Err(e)) => {
-                    warn!(sink = sink.describe(), error = %e, "sink not healthy yet; deliveries will be retried")
-                }
-                Err(_) => warn!(
-                    sink = sink.describe(),
-                    "sink health check timed out; deliveries will be retried"
-                ),
-            }
-        });
-    }
+    // The recorder must exist before the pipeline and source make their
+    // metric handles; the listener is bound now so a taken port is a
+    // clear error at start.
+    let admin = match cfg.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let handle = telemetry::install().map_err(SourceError::Config)?;
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                SourceError::Config(format!("cannot listen on {addr} (--metrics-listen): {e}"))
+            })?;
+            Some((handle, listener))
+        }
+    };
     let (pipeline, workers) =
         Pipeline::start_with_dead_letter(sinks, cfg.dead_letter.clone(), cfg.limits);
     let source = Source::new(
@@ -92,6 +101,46 @@ pub async fn run(
         Normalizer::new(cfg.topics),
         pipeline.clone(),
     );
+    // Helpers live until the bridge has drained, not just until the
+    // shutdown asks it to.
+    let (helpers_done, helpers) = shutdown::channel();
+    for state in pipeline.sinks() {
+        tokio::spawn(health::monitor(
+            state.clone(),
+            cfg.health_interval,
+            helpers.clone(),
+        ));
+    }
+    if let Some(every) = cfg.stats_interval {
+        tokio::spawn(telemetry::stats_line(
+            pipeline.clone(),
+            source.clone(),
+            every,
+            helpers.clone(),
+        ));
+    }
+    if let Some((handle, listener)) = admin {
+        let refresh = {
+            let (p, s) = (pipeline.clone(), source.clone());
+            Arc::new(move || telemetry::refresh_gauges(&p, &s))
+        };
+        let health = Arc::new(Health {
+            source: source.clone(),
+            sinks: pipeline.sinks().to_vec(),
+        });
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, "serving /metrics, /healthz and /readyz");
+        }
+        tokio::spawn(admin::serve(
+            listener,
+            Admin {
+                metrics: handle,
+                health,
+                refresh,
+            },
+            helpers.clone(),
+        ));
+    }
     info!("bridge running");
     let result = source.run(shutdown).await;
 
@@ -106,6 +155,7 @@ pub async fn run(
         dead_lettered: p.dead_lettered.load(Ordering::Relaxed),
         retries: p.retries.load(Ordering::Relaxed),
     };
+    helpers_done.fire();
     // Workers flush and stop once every sender is gone; tasks of broken
     // streams may still hold one, so wait only so long.
     drop(source);

@@ -5,24 +5,27 @@
 //! `--tls_key`, `--token`, `--forward`), in `--flag=value` and
 //! `--flag value` forms.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use evbridge_sinks::Sink;
 use tracing::{error, info};
 
 use crate::bridge::{self, BridgeConfig};
+use crate::logging;
 use crate::normalize::Topics;
 use crate::pb::es::replay_mode_options::ReplayMode;
 use crate::pipeline::Limits;
 use crate::shutdown;
 use crate::sim::{self, Sim, SimConfig};
 use crate::sim_gen::GenConfig;
-use crate::source::{SourceConfig, SourceError};
+use crate::source::{self as src, SourceConfig, SourceError};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -56,6 +59,12 @@ Examples:
   # A local simulated cluster, for tests and benchmarks
   evbridge sim --listen 127.0.0.1:8080 --builds 100 --token secret
 
+  # As a service: settings in a file, Prometheus metrics and health probes
+  evbridge --config /etc/evbridge/evbridge.toml --metrics-listen 0.0.0.0:9598
+
+  # Check a configuration: connect to the source and every sink, report, exit
+  evbridge --config /etc/evbridge/evbridge.toml --check
+
 Sink URLs:
   stdout://[?format=json|pretty]      one JSON object per line (or indented)
   blackhole://[?interval=SECONDS]     count and discard; print a rate line every N s
@@ -64,6 +73,13 @@ Sink URLs:
   amqp[s]://USER:PASS@HOST:PORT/VHOST?exchange=E[&routing_key=T&declare=true|passive]
   grpc[s]://HOST:PORT[?window=N&ordered=true&timeout=S&ca=PATH]
   (passwords in URLs are never logged, but command lines are visible to other local users)
+
+Configuration file (--config FILE, TOML): every key is a long flag, e.g.
+  source = \"grpcs://cluster.example.com\"
+  token_file = \"/etc/evbridge/token\"
+  sink = [\"kafka://k1:9092/{topic}\", \"amqp://bridge:${RABBITMQ_PASSWORD}@mq/ci?exchange=builds\"]
+  metrics_listen = \"0.0.0.0:9598\"
+${NAME} is read from the environment; flags on the command line win over the file.
 ";
 
 /// evbridge: bridge EngFlow build events to sinks, never losing one.
@@ -74,6 +90,54 @@ pub struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     bridge: BridgeArgs,
+    /// Log lines as human-readable text or one JSON object per line (stderr; RUST_LOG filters).
+    #[arg(long, global = true, value_enum, default_value_t = logging::Format::Text)]
+    log_format: logging::Format,
+}
+
+impl Cli {
+    /// How log lines should look.
+    pub fn log_format(&self) -> logging::Format {
+        self.log_format
+    }
+}
+
+/// Parses the command line, reading `--config FILE` as the flags it
+/// stands for (see `config`): flags on the command line and values from
+/// the environment win over the file. `--help`, `--version` and usage
+/// errors exit here, as clap does.
+pub fn parse_args(args: Vec<OsString>) -> Result<Cli, Failure> {
+    let cmd = Cli::command();
+    let matches = cmd
+        .clone()
+        .try_get_matches_from(&args)
+        .unwrap_or_else(|e| e.exit());
+    let Some(path) = matches.get_one::<PathBuf>("config").cloned() else {
+        return Cli::from_arg_matches(&matches).map_err(|e| Failure::usage(e.to_string()));
+    };
+    let in_file = |m: String| Failure::usage(format!("config file `{}`: {m}", path.display()));
+    let raw = read_file("--config", &path)?;
+    let text = String::from_utf8(raw).map_err(|_| in_file("not UTF-8 text".into()))?;
+    let given = |id: &str| {
+        matches!(
+            matches.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        )
+    };
+    let flags = crate::config::flags_from_toml(&text, &cmd, &given, &|name| {
+        std::env::var(name).ok()
+    })
+    .map_err(in_file)?;
+    let mut merged = args;
+    let rest = merged.split_off(1.min(merged.len()));
+    merged.extend(flags.into_iter().map(OsString::from));
+    merged.extend(rest);
+    let matches = cmd.try_get_matches_from(merged).map_err(|e| {
+        let text = e.render().to_string();
+        let first = text.lines().next().unwrap_or("invalid value");
+        in_file(first.trim_start_matches("error: ").to_string())
+    })?;
+    Cli::from_arg_matches(&matches).map_err(|e| Failure::usage(e.to_string()))
 }
 
 #[derive(Debug, Subcommand)]
@@ -172,6 +236,21 @@ struct BridgeArgs {
     /// Topic of build-event envelopes.
     #[arg(long, value_name = "NAME", default_value = "build-events")]
     build_events_topic: String,
+    /// Read settings from this TOML file (keys are the long flags; flags given here win).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Connect to the source and every sink, report their health, and exit (0 if all are healthy).
+    #[arg(long)]
+    check: bool,
+    /// Serve /metrics (Prometheus), /healthz and /readyz on this address.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// Seconds between health checks of each sink (readiness follows them).
+    #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
+    health_interval: f64,
+    /// Seconds between one-line stats summaries in the log (0 = none).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    stats_interval: f64,
 }
 
 /// Flags of `evbridge sim`.
@@ -270,6 +349,12 @@ pub struct Failure {
 }
 
 impl Failure {
+    /// Reports it on stderr and gives the exit code.
+    pub fn exit_code(&self) -> ExitCode {
+        eprintln!("evbridge: {}", self.message);
+        ExitCode::from(self.code)
+    }
+
     fn usage(message: impl Into<String>) -> Self {
         Failure {
             code: 2,
@@ -328,8 +413,7 @@ pub async fn main(cli: Cli) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             error!("{}", f.message);
-            eprintln!("evbridge: {}", f.message);
-            ExitCode::from(f.code)
+            f.exit_code()
         }
     }
 }
@@ -376,10 +460,20 @@ fn bridge_config(args: &BridgeArgs, source: String) -> Result<BridgeConfig, Fail
         .as_ref()
         .map(|p| read_pem("--tls-ca", p, "CERTIFICATE"))
         .transpose()?;
-    if !(args.shutdown_timeout.is_finite() && args.shutdown_timeout >= 0.0) {
-        return Err(Failure::usage(
-            "--shutdown-timeout must be a number of seconds ≥ 0",
-        ));
+    let seconds = |flag: &str, v: f64| {
+        if v.is_finite() && v >= 0.0 {
+            Ok(Duration::from_secs_f64(v))
+        } else {
+            Err(Failure::usage(format!(
+                "{flag} must be a number of seconds ≥ 0"
+            )))
+        }
+    };
+    let shutdown_grace = seconds("--shutdown-timeout", args.shutdown_timeout)?;
+    let health_interval = seconds("--health-interval", args.health_interval)?;
+    let stats_interval = seconds("--stats-interval", args.stats_interval)?;
+    if health_interval < Duration::from_millis(100) {
+        return Err(Failure::usage("--health-interval must be at least 0.1 seconds"));
     }
     let mut source = SourceConfig::new(source);
     source.queue = args.queue.clone();
@@ -392,7 +486,7 @@ fn bridge_config(args: &BridgeArgs, source: String) -> Result<BridgeConfig, Fail
         Replay::StopAfterLastKnown => ReplayMode::StopAfterLastKnown,
         Replay::UntilComplete => ReplayMode::UntilComplete,
     };
-    source.shutdown_grace = Duration::from_secs_f64(args.shutdown_timeout);
+    source.shutdown_grace = shutdown_grace;
     source.max_notifications = args.max_notifications as usize;
     let mut cfg = BridgeConfig::new(source);
     cfg.topics = Topics {
@@ -404,6 +498,9 @@ fn bridge_config(args: &BridgeArgs, source: String) -> Result<BridgeConfig, Fail
         max_batch: args.max_batch as usize,
         lanes: args.sink_lanes as usize,
     };
+    cfg.metrics_listen = args.metrics_listen;
+    cfg.health_interval = health_interval;
+    cfg.stats_interval = (!stats_interval.is_zero()).then_some(stats_interval);
     Ok(cfg)
 }
 
@@ -430,6 +527,9 @@ async fn run_bridge(args: BridgeArgs) -> Result<(), Failure> {
     if let Some(url) = &args.dead_letter {
         cfg.dead_letter = Some(open_sinks(std::slice::from_ref(url)).await?.remove(0));
     }
+    if args.check {
+        return check(&cfg, &sinks).await;
+    }
     let (trigger, shutdown) = shutdown::channel();
     tokio::spawn(async move {
         shutdown::signal().await;
@@ -440,6 +540,48 @@ async fn run_bridge(args: BridgeArgs) -> Result<(), Failure> {
     let summary = bridge::run(cfg, sinks, shutdown).await?;
     info!(?summary, "stopped");
     Ok(())
+}
+
+/// `--check`: one line per part, then exit 0 only if all are healthy.
+async fn check(cfg: &BridgeConfig, sinks: &[Arc<dyn Sink>]) -> Result<(), Failure> {
+    let mut failed = 0;
+    let mut report = |what: String, outcome: Result<(), String>| match outcome {
+        Ok(()) => println!("ok      {what}"),
+        Err(e) => {
+            failed += 1;
+            println!("FAILED  {what}: {e}");
+        }
+    };
+    report(
+        format!(
+            "source {} (queue `{}`)",
+            evbridge_sinks::redact(&cfg.source.endpoint),
+            cfg.source.queue
+        ),
+        src::probe(&cfg.source).await,
+    );
+    let all = sinks.iter().map(|s| ("sink", s)).chain(
+        cfg.dead_letter
+            .iter()
+            .map(|s| ("dead-letter sink", s)),
+    );
+    for (role, sink) in all {
+        let outcome = match tokio::time::timeout(Duration::from_secs(15), sink.healthcheck()).await
+        {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("no answer within 15s".into()),
+        };
+        report(format!("{role} {}", sink.describe()), outcome);
+        let _ = sink.flush().await;
+    }
+    if failed == 0 {
+        Ok(())
+    } else {
+        Err(Failure {
+            code: 1,
+            message: format!("check failed: {failed} part(s) not healthy"),
+        })
+    }
 }
 
 fn world_config(w: &WorldArgs, rate: f64) -> SimConfig {

@@ -13,12 +13,18 @@
 //! - `shutdown`: the shutdown signal every task listens to.
 //! - `sim`, `sim_queue`, `sim_gen`: the EngFlow-compatible simulator.
 //! - `pb`: generated protobuf/gRPC code and the descriptor pool.
-//! - `logging`: tracing to stderr.
+//! - `logging`: tracing to stderr, text or JSON.
+//! - `health`, `telemetry`, `admin`: readiness, metrics, the periodic stats
+//!   line and the `/metrics` `/healthz` `/readyz` endpoint.
+//! - `config`: the TOML configuration file, read as the flags it stands for.
 //!
 //! The sinks, the envelope and the `Sink` trait live in `evbridge-sinks`.
 
+pub mod admin;
 pub mod bridge;
 pub mod cli;
+pub mod config;
+pub mod health;
 pub mod logging;
 pub mod normalize;
 pub mod pb;
@@ -29,5 +35,6 @@ pub mod sim;
 pub mod sim_gen;
 pub mod sim_queue;
 pub mod source;
+pub mod telemetry;
 
 pub use evbridge_sinks as sinks;

@@ -1,12 +1,13 @@
-//! The `evbridge` binary: parse flags, set up logging, run.
+//! The `evbridge` binary: parse flags (and `--config`), set up logging, run.
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = evbridge::cli::Cli::parse();
-    evbridge::logging::init();
+    let cli = match evbridge::cli::parse_args(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(f) => return f.exit_code(),
+    };
+    evbridge::logging::init(cli.log_format());
     evbridge::cli::main(cli).await
 }

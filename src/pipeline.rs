@@ -19,7 +19,9 @@ use evbridge_sinks::{Envelope, Sink, SinkError};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
+use crate::health::SinkState;
 use crate::retry::Backoff;
+use crate::telemetry;
 
 /// Counters of the pipeline, for logs and tests.
 #[derive(Debug, Default)]
@@ -147,6 +149,9 @@ pub struct Pipeline {
     senders: Vec<Vec<mpsc::UnboundedSender<Item>>>,
     permits: Arc<Semaphore>,
     stats: Arc<Stats>,
+    /// Health and metric handles of every sink, dead-letter sink last.
+    sinks: Vec<Arc<SinkState>>,
+    submitted: metrics::Counter,
 }
 
 /// A reserved place in the pipeline, taken before reading a notification
@@ -173,13 +178,16 @@ impl Pipeline {
         let stats = Arc::new(Stats::default());
         let mut senders = Vec::with_capacity(sinks.len());
         let mut workers = Vec::with_capacity(sinks.len() * limits.lanes);
+        let dead_letter = dead_letter.map(|dl| SinkState::new(dl, "dead_letter"));
+        let mut states = Vec::with_capacity(sinks.len() + 1);
         for sink in sinks {
+            let state = SinkState::new(sink, "sink");
             let mut lanes = Vec::with_capacity(limits.lanes.max(1));
             for _ in 0..limits.lanes.max(1) {
                 let (tx, rx) = mpsc::unbounded_channel();
                 lanes.push(tx);
                 workers.push(tokio::spawn(worker(
-                    sink.clone(),
+                    state.clone(),
                     dead_letter.clone(),
                     rx,
                     limits.max_batch.max(1),
@@ -187,11 +195,15 @@ impl Pipeline {
                 )));
             }
             senders.push(lanes);
+            states.push(state);
         }
+        states.extend(dead_letter);
         let pipeline = Pipeline {
             senders,
             permits: Arc::new(Semaphore::new(limits.max_in_flight.max(1))),
             stats,
+            sinks: states,
+            submitted: metrics::counter!(telemetry::SUBMITTED),
         };
         (Arc::new(pipeline), workers)
     }
@@ -199,6 +211,11 @@ impl Pipeline {
     /// Counters so far.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// Health and metric handles of every sink (the dead-letter sink last).
+    pub fn sinks(&self) -> &[Arc<SinkState>] {
+        &self.sinks
     }
 
     /// Envelopes accepted but not yet confirmed everywhere.
@@ -235,6 +252,7 @@ impl Pipeline {
     pub fn submit_in(&self, slot: Slot, tracker: &Arc<Tracker>, envelope: Envelope) {
         tracker.remaining.fetch_add(1, Ordering::AcqRel);
         self.stats.submitted.fetch_add(1, Ordering::Relaxed);
+        self.submitted.increment(1);
         let ticket = Arc::new(Ticket {
             tracker: tracker.clone(),
             sinks_left: AtomicUsize::new(self.senders.len()),
@@ -275,16 +293,18 @@ fn lane_of(key: &str) -> usize {
 /// those the sink reported confirmed anyway. Reports each envelope once:
 /// `done(i, None)` confirmed, `done(i, Some(e))` rejected.
 async fn deliver(
-    sink: &dyn Sink,
+    state: &SinkState,
     envelopes: &[Arc<Envelope>],
     backoff: &mut Backoff,
     stats: &Stats,
     mut done: impl FnMut(usize, Option<SinkError>),
 ) {
+    let sink = &*state.sink;
     // Indices (into `envelopes`) still to deliver, in order.
     let mut pending: Vec<usize> = (0..envelopes.len()).collect();
     while !pending.is_empty() {
         let retry;
+        let started = std::time::Instant::now();
         let result = if pending.len() == envelopes.len() {
             sink.send(envelopes).await
         } else {
@@ -294,8 +314,11 @@ async fn deliver(
                 .collect::<Vec<_>>();
             sink.send(&retry).await
         };
+        state.send_seconds.record(started.elapsed().as_secs_f64());
         let e = match result {
             Ok(()) => {
+                state.sent.increment(pending.len() as u64);
+                state.delivered(None);
                 pending.iter().for_each(|&i| done(i, None));
                 backoff.reset();
                 return;
@@ -303,6 +326,7 @@ async fn deliver(
             Err(e) => e,
         };
         let at = e.at.min(pending.len());
+        state.sent.increment(at as u64);
         pending[..at].iter().for_each(|&i| done(i, None));
         let mut also: Vec<usize> = e
             .confirmed
@@ -312,6 +336,7 @@ async fn deliver(
             .collect();
         also.sort_unstable();
         also.dedup();
+        state.sent.increment(also.len() as u64);
         also.iter().for_each(|&i| done(i, None));
         let rest: Vec<usize> = pending[at..]
             .iter()
@@ -321,6 +346,9 @@ async fn deliver(
         let Some(&first) = rest.first() else { return };
         if e.error.is_retryable() {
             stats.retries.fetch_add(1, Ordering::Relaxed);
+            state.retries.increment(1);
+            state.failed_retryable.increment(rest.len() as u64);
+            state.delivered(Some(e.error.to_string()));
             let delay = backoff.next_delay();
             tracing::warn!(
                 sink = sink.describe(),
@@ -331,6 +359,7 @@ async fn deliver(
             tokio::time::sleep(delay).await;
             pending = rest;
         } else {
+            state.failed_permanent.increment(1);
             done(first, Some(e.error));
             pending = rest[1..].to_vec();
         }
@@ -351,8 +380,8 @@ fn dead_letter_copy(env: &Envelope, sink: &dyn Sink, error: &SinkError) -> Arc<E
 }
 
 async fn worker(
-    sink: Arc<dyn Sink>,
-    dead_letter: Option<Arc<dyn Sink>>,
+    state: Arc<SinkState>,
+    dead_letter: Option<Arc<SinkState>>,
     mut rx: mpsc::UnboundedReceiver<Item>,
     max_batch: usize,
     stats: Arc<Stats>,
@@ -363,10 +392,11 @@ async fn worker(
     // Short ceiling: a broker that comes back should see traffic soon.
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut dl_backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let sink = &*state.sink;
     while rx.recv_many(&mut items, max_batch).await > 0 {
         envelopes.extend(items.iter().map(|i| i.envelope.clone()));
         deliver(
-            &*sink,
+            &state,
             &envelopes,
             &mut backoff,
             &stats,
@@ -395,18 +425,19 @@ async fn worker(
                 item.ticket.done(Some(reason));
                 continue;
             };
-            let copy = dead_letter_copy(&item.envelope, &*sink, &error);
+            let copy = dead_letter_copy(&item.envelope, sink, &error);
             let mut outcome = None;
-            deliver(&**dl, &[copy], &mut dl_backoff, &stats, |_, o| outcome = o).await;
+            deliver(dl, &[copy], &mut dl_backoff, &stats, |_, o| outcome = o).await;
             match outcome {
                 None => {
                     stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(telemetry::DEAD_LETTERED).increment(1);
                     tracing::warn!(
                         sink = sink.describe(),
                         envelope = %item.envelope.id,
                         name = %item.envelope.name,
                         %error,
-                        dead_letter = dl.describe(),
+                        dead_letter = dl.sink.describe(),
                         "sink rejected envelope permanently; sent to the dead-letter sink"
                     );
                     item.ticket.done(None);
@@ -416,7 +447,7 @@ async fn worker(
                         sink = sink.describe(),
                         envelope = %item.envelope.id,
                         %error,
-                        dead_letter = dl.describe(),
+                        dead_letter = dl.sink.describe(),
                         %dl_error,
                         "the dead-letter sink rejected it too; its notification stays unacknowledged"
                     );

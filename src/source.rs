@@ -10,10 +10,10 @@
 //! confirmed everything. Tokens of a broken stream are dropped: the server
 //! delivers those notifications again.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -29,6 +29,7 @@ use crate::pb::{es, nq};
 use crate::pipeline::{Pipeline, Slot, Tracker};
 use crate::retry::Backoff;
 use crate::shutdown::Shutdown;
+use crate::telemetry as t;
 
 /// Where and how to reach the cluster.
 #[derive(Clone)]
@@ -192,6 +193,47 @@ pub fn connect(cfg: &SourceConfig) -> Result<(Channel, Auth), SourceError> {
     Ok((endpoint.connect_lazy(), auth))
 }
 
+/// Checks that the cluster answers and accepts the credentials, without
+/// pulling (a pulled notification would be held back for the ack
+/// deadline): asks the event store for an invocation that does not exist,
+/// where "not found" is the healthy answer. The queue name itself is only
+/// checked by the first Pull.
+pub async fn probe(cfg: &SourceConfig) -> Result<(), String> {
+    let (channel, auth) = connect(cfg).map_err(|e| e.to_string())?;
+    let mut store = es::event_store_client::EventStoreClient::with_interceptor(channel, auth);
+    let req = es::GetInvocationRequest {
+        instance_name: String::new(),
+        invocation_id: format!("evbridge-check-{}", uuid::Uuid::new_v4()),
+        continuation_token: None,
+        replay_mode: es::replay_mode_options::ReplayMode::StopAfterLastKnown as i32,
+    };
+    let status = match tokio::time::timeout(Duration::from_secs(15), store.get_invocation(req)).await {
+        Err(_) => return Err("no answer within 15s".into()),
+        Ok(Ok(_)) => return Ok(()),
+        Ok(Err(status)) => status,
+    };
+    match status.code() {
+        Code::NotFound | Code::InvalidArgument | Code::OutOfRange => Ok(()),
+        Code::Unauthenticated | Code::PermissionDenied => Err(format!(
+            "credentials refused: {:?}: {}",
+            status.code(),
+            status.message()
+        )),
+        Code::Unimplemented => Err(format!(
+            "the endpoint does not serve the EngFlow event store: {}",
+            status.message()
+        )),
+        code => {
+            let mut text = format!("{code:?}: {}", status.message());
+            if let Some(cause) = std::error::Error::source(&status) {
+                text.push_str(": ");
+                text.push_str(&chain(cause));
+            }
+            Err(text)
+        }
+    }
+}
+
 /// An error with its sources ("transport error: invalid key …").
 fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
@@ -217,6 +259,65 @@ pub struct SourceStats {
     pub streams: AtomicU64,
     /// Build events received from the event store.
     pub events: AtomicU64,
+    /// Pull streams open now.
+    pub open_streams: AtomicUsize,
+    /// Notifications received and not yet acknowledged or given up.
+    pub in_progress: AtomicUsize,
+}
+
+/// Metric handles, made once (a lookup per event would cost at full rate).
+struct Meters {
+    received: metrics::Counter,
+    redelivered: metrics::Counter,
+    acked: metrics::Counter,
+    unacked: metrics::Counter,
+    receipts_failed: metrics::Counter,
+    events: metrics::Counter,
+    reconnects: metrics::Counter,
+    resumes: metrics::Counter,
+    ack_seconds: metrics::Histogram,
+}
+
+impl Meters {
+    fn new() -> Self {
+        Meters {
+            received: metrics::counter!(t::RECEIVED),
+            redelivered: metrics::counter!(t::REDELIVERED),
+            acked: metrics::counter!(t::ACKED),
+            unacked: metrics::counter!(t::UNACKED),
+            receipts_failed: metrics::counter!(t::RECEIPTS_FAILED),
+            events: metrics::counter!(t::EVENTS),
+            reconnects: metrics::counter!(t::RECONNECTS),
+            resumes: metrics::counter!(t::RESUMES),
+            ack_seconds: metrics::histogram!(t::ACK_SECONDS),
+        }
+    }
+}
+
+/// Notification ids seen lately, to count redeliveries; bounded so a
+/// long-running bridge does not grow.
+struct Seen {
+    ids: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl Seen {
+    const CAPACITY: usize = 100_000;
+
+    /// Remembers `id`; true if it was seen before.
+    fn again(&mut self, id: &str) -> bool {
+        if self.ids.contains(id) {
+            return true;
+        }
+        if self.order.len() == Self::CAPACITY
+            && let Some(old) = self.order.pop_front()
+        {
+            self.ids.remove(&old);
+        }
+        self.ids.insert(id.to_string());
+        self.order.push_back(id.to_string());
+        false
+    }
 }
 
 /// Shared state of every reader and notification task.
@@ -229,6 +330,8 @@ pub struct Source {
     /// Notifications being handled (not yet acknowledged or given up).
     in_progress: Arc<Semaphore>,
     stats: SourceStats,
+    seen: Mutex<Seen>,
+    meters: Meters,
 }
 
 /// Codes that mean "this configuration will never work" at start.
@@ -274,12 +377,27 @@ impl Source {
             normalizer,
             pipeline,
             stats: SourceStats::default(),
+            meters: Meters::new(),
+            seen: Mutex::new(Seen {
+                ids: HashSet::new(),
+                order: VecDeque::new(),
+            }),
         })
     }
 
     /// Counters so far.
     pub fn stats(&self) -> &SourceStats {
         &self.stats
+    }
+
+    /// Pull streams open now (the source is up while this is above 0).
+    pub fn open_streams(&self) -> usize {
+        self.stats.open_streams.load(Ordering::Acquire)
+    }
+
+    /// Notifications received and not yet acknowledged or given up.
+    pub fn in_progress(&self) -> usize {
+        self.stats.in_progress.load(Ordering::Acquire)
     }
 
     /// Runs every reader until shutdown (after draining) or a fatal error.
@@ -308,9 +426,13 @@ impl Source {
         let client_id = format!("evbridge/{}", uuid::Uuid::new_v4());
         let mut backoff = Backoff::default();
         let mut ever_connected = false;
+        let mut first = true;
         loop {
             if shutdown.is_shutdown() {
                 return Ok(());
+            }
+            if !std::mem::take(&mut first) {
+                self.meters.reconnects.increment(1);
             }
             let (req_tx, req_rx) = mpsc::channel(16);
             let first = nq::PullNotificationRequest {
@@ -355,7 +477,9 @@ impl Source {
             ever_connected = true;
             self.stats.streams.fetch_add(1, Ordering::Relaxed);
             debug!(client = %client_id, "Pull stream open");
+            self.stats.open_streams.fetch_add(1, Ordering::AcqRel);
             let ended = self.session(inbound, req_tx, shutdown.clone()).await;
+            self.stats.open_streams.fetch_sub(1, Ordering::AcqRel);
             match ended {
                 SessionEnd::Shutdown => return Ok(()),
                 SessionEnd::Healthy(reason) => {
@@ -410,6 +534,7 @@ impl Source {
                         ..Default::default()
                     };
                     self.stats.acks_sent.fetch_add(n as u64, Ordering::Relaxed);
+                    self.meters.acked.increment(n as u64);
                     if req_tx.send(req).await.is_err() {
                         break SessionEnd::Broken("request stream closed".into(), delivered_any);
                     }
@@ -423,6 +548,7 @@ impl Source {
                             let status = r.status.unwrap_or_default();
                             if status.code != 0 {
                                 self.stats.receipts_failed.fetch_add(1, Ordering::Relaxed);
+                                self.meters.receipts_failed.increment(1);
                                 warn!(notification = %id, code = ?Code::from(status.code), error = %status.message,
                                     "acknowledgement not accepted; the notification will come again");
                             }
@@ -434,10 +560,19 @@ impl Source {
                             };
                             delivered_any = true;
                             self.stats.received.fetch_add(1, Ordering::Relaxed);
+                            self.meters.received.increment(1);
+                            if self.seen.lock().unwrap_or_else(|p| p.into_inner()).again(&n.id) {
+                                self.meters.redelivered.increment(1);
+                            }
                             pending.insert(an.token.clone(), n.id.clone());
                             let (permit, slot) = slot.take().expect("guarded");
                             let task = self.clone().handle(n, an.token, slot, ack_tx.clone(), shutdown.clone());
+                            self.stats.in_progress.fetch_add(1, Ordering::AcqRel);
+                            // Counted down however the task ends, aborted
+                            // before it ran included.
+                            let done = InProgress(self.clone());
                             tasks.spawn(async move {
+                                let _done = done;
                                 task.await;
                                 drop(permit);
                             });
@@ -471,6 +606,7 @@ impl Source {
                     for r in resp.acknowledgement_receipt {
                         if r.status.is_some_and(|s| s.code != 0) {
                             self.stats.receipts_failed.fetch_add(1, Ordering::Relaxed);
+                            self.meters.receipts_failed.increment(1);
                             let id = pending.get(&r.token).map_or("?", String::as_str);
                             warn!(notification = %id, "acknowledgement not accepted at shutdown; it will come again");
                         }
@@ -512,6 +648,7 @@ impl Source {
         ack: mpsc::UnboundedSender<String>,
         shutdown: Shutdown,
     ) {
+        let received = Instant::now();
         let tracker = self.pipeline.tracker();
         let life = self.normalizer.lifecycle(&n);
         for problem in &life.problems {
@@ -526,13 +663,18 @@ impl Source {
         match tracker.finish().await {
             Ok(()) => {
                 // The stream may be gone: then the token is worthless anyway.
-                let _ = ack.send(token);
+                if ack.send(token).is_ok() {
+                    self.meters.ack_seconds.record(received.elapsed().as_secs_f64());
+                }
             }
-            Err(reasons) => error!(
+            Err(reasons) => {
+                self.meters.unacked.increment(1);
+                error!(
                 notification = %n.id,
                 "not acknowledged (it will be redelivered): {}",
                 reasons.join("; ")
-            ),
+            )
+            }
         }
     }
 
@@ -565,6 +707,7 @@ impl Source {
                             Ok(Some(ev)) => {
                                 if ev.event.is_some() {
                                     self.stats.events.fetch_add(1, Ordering::Relaxed);
+                                    self.meters.events.increment(1);
                                     let out = self.normalizer.build_event(inv, seq, &ev);
                                     for problem in &out.problems {
                                         warn!(notification = %inv.notification_id, invocation = %inv.invocation_id, sequence = seq,
@@ -600,6 +743,7 @@ impl Source {
                     failure.message()
                 ));
             }
+            self.meters.resumes.increment(1);
             let delay = backoff.next_delay();
             warn!(notification = %inv.notification_id, invocation = %inv.invocation_id, code = ?failure.code(),
                 error = failure.message(), after = seq, "event stream interrupted; resuming in {delay:?}");
@@ -608,6 +752,15 @@ impl Source {
                 _ = shutdown.wait() => return Err("shutdown while fetching events".into()),
             }
         }
+    }
+}
+
+/// Counts a notification task out when it ends, however it ends.
+struct InProgress(Arc<Source>);
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.stats.in_progress.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -449,7 +449,11 @@ impl Sink for AmqpSink {
     }
 
     async fn healthcheck(&self) -> Result<(), SinkError> {
-        self.channel().await.map(|_| ())
+        // A live channel on a live connection (reconnecting if needed);
+        // it goes back to the pool rather than leaking on the broker.
+        let ch = self.channel().await?;
+        self.give_back(ch);
+        Ok(())
     }
 
     async fn flush(&self) -> Result<(), SinkError> {

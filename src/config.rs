@@ -1,0 +1,192 @@
+//! The configuration file (`--config FILE`, TOML) for deployments.
+//!
+//! A file is read as the flags it stands for: each key is a long flag
+//! (`max_in_flight = 5000` is `--max-in-flight=5000`, `sink = [..]` is one
+//! `--sink` per entry, `check = true` is `--check`), and the result goes
+//! through the same parser as the command line. So the file accepts
+//! exactly what the flags accept, with the same checks and messages.
+//! Flags given on the command line, and values from the environment
+//! (`EVBRIDGE_TOKEN`), win over the file. `${NAME}` inside a string is
+//! replaced by the environment variable `NAME`, so secrets (a broker
+//! password inside a sink URL, say) can stay out of the file.
+
+use clap::ArgAction;
+use toml::Value;
+
+/// Keys a file may not set.
+const NOT_IN_FILE: &[&str] = &["config", "help", "version"];
+
+/// The flags `text` stands for, in file order. `given(id)` says whether
+/// the command line or the environment already set that argument (then
+/// the file's value is skipped); `env(name)` looks up `${name}`.
+pub fn flags_from_toml(
+    text: &str,
+    cmd: &clap::Command,
+    given: &dyn Fn(&str) -> bool,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<String>, String> {
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        // The message and where, never the offending line: it may hold a
+        // secret.
+        let line = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        match line {
+            Some(n) => format!("line {n}: {}", e.message()),
+            None => e.message().to_string(),
+        }
+    })?;
+    let mut flags = Vec::new();
+    for (key, value) in &table {
+        let long = key.replace('_', "-");
+        let arg = cmd
+            .get_arguments()
+            .filter(|a| !NOT_IN_FILE.contains(&a.get_id().as_str()))
+            .find(|a| {
+                a.get_long() == Some(long.as_str())
+                    || a.get_all_aliases()
+                        .is_some_and(|al| al.iter().any(|x| *x == key || *x == long))
+            })
+            .ok_or_else(|| {
+                format!(
+                    "unknown key `{key}`; accepted keys: {}",
+                    accepted(cmd).join(", ")
+                )
+            })?;
+        if given(arg.get_id().as_str()) {
+            continue;
+        }
+        let long = arg.get_long().expect("found by its long name");
+        match arg.get_action() {
+            ArgAction::SetTrue => match value {
+                Value::Boolean(true) => flags.push(format!("--{long}")),
+                Value::Boolean(false) => {}
+                _ => return Err(format!("key `{key}` must be true or false")),
+            },
+            ArgAction::Append => {
+                let items = match value {
+                    Value::Array(items) => items.iter().collect(),
+                    one => vec![one],
+                };
+                for item in items {
+                    flags.push(format!("--{long}={}", scalar(key, item, env)?));
+                }
+            }
+            _ => flags.push(format!("--{long}={}", scalar(key, value, env)?)),
+        }
+    }
+    Ok(flags)
+}
+
+/// Every key a file may hold, as written in TOML.
+fn accepted(cmd: &clap::Command) -> Vec<String> {
+    cmd.get_arguments()
+        .filter(|a| !NOT_IN_FILE.contains(&a.get_id().as_str()))
+        .filter_map(|a| a.get_long().map(|l| l.replace('-', "_")))
+        .collect()
+}
+
+fn scalar(
+    key: &str,
+    value: &Value,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, String> {
+    match value {
+        Value::String(s) => expand(key, s, env),
+        Value::Integer(i) => Ok(i.to_string()),
+        Value::Float(f) => Ok(f.to_string()),
+        Value::Boolean(b) => Ok(b.to_string()),
+        Value::Array(_) => Err(format!("key `{key}` takes one value, not a list")),
+        _ => Err(format!(
+            "key `{key}` must be a string, a number or a boolean"
+        )),
+    }
+}
+
+/// Replaces `${NAME}` with the environment variable (`$$` is a `$`). The
+/// error names the variable, never a value.
+fn expand(key: &str, s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(body) = after.strip_prefix('{') {
+            let end = body
+                .find('}')
+                .ok_or_else(|| format!("key `{key}`: `${{` without a closing `}}`"))?;
+            let name = &body[..end];
+            let v = env(name).ok_or_else(|| {
+                format!("key `{key}`: environment variable `{name}` is not set")
+            })?;
+            out.push_str(&v);
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn flags(text: &str) -> Result<Vec<String>, String> {
+        let cmd = crate::cli::Cli::command();
+        let env = |k: &str| (k == "MQ_PASSWORD").then(|| "s3cret".to_string());
+        flags_from_toml(text, &cmd, &|id| id == "queue", &env)
+    }
+
+    #[test]
+    fn keys_become_flags() {
+        let got = flags(
+            r#"
+source = "grpcs://cluster.example.com"
+sink = ["stdout://", "amqp://bridge:${MQ_PASSWORD}@mq/ci?exchange=builds"]
+max_in_flight = 5000
+shutdown-timeout = 2.5
+check = true
+queue_name = "skipped: given on the command line"
+"#,
+        )
+        .unwrap();
+        assert_eq!(
+            got,
+            [
+                "--source=grpcs://cluster.example.com",
+                "--sink=stdout://",
+                "--sink=amqp://bridge:s3cret@mq/ci?exchange=builds",
+                "--max-in-flight=5000",
+                "--shutdown-timeout=2.5",
+                "--check",
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_files_say_what_and_where_without_values() {
+        let cases: &[(&str, &str)] = &[
+            ("colour = 1", "unknown key `colour`; accepted keys: source"),
+            ("config = 'x'", "unknown key `config`"),
+            ("source = ['a', 'b']", "takes one value"),
+            ("check = 'yes'", "must be true or false"),
+            ("sink = 'amqp://u:${NOPE}@h'", "`NOPE` is not set"),
+            ("sink = 'amqp://u:${NOPE@h'", "without a closing"),
+            ("source = \"grpc://x\"\ntoken = hunter2", "line 2"),
+            ("[source]\nx = 1", "must be a string"),
+        ];
+        for (text, want) in cases {
+            let e = flags(text).expect_err(text);
+            assert!(e.contains(want), "{text}: `{e}` lacks `{want}`");
+            assert!(!e.contains("hunter2"), "{e}");
+        }
+        assert_eq!(flags("sink = 'a$$b$c'").unwrap(), ["--sink=a$b$c"]);
+    }
+}

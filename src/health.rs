@@ -1,0 +1,159 @@
+//! Is the bridge ready? The source must have a Pull stream open and every
+//! sink must be healthy, so `/readyz` is not green while a broker is down.
+//!
+//! A sink is healthy when its last health check passed and its last
+//! delivery did not fail with a retryable error: the periodic check sees a
+//! broker that went away while idle, the deliveries see one that fails
+//! under load even though it still answers checks.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use evbridge_sinks::Sink;
+use metrics::{Counter, Gauge, Histogram};
+
+use crate::shutdown::Shutdown;
+use crate::source::Source;
+use crate::telemetry as t;
+
+/// One sink's health and its metric handles (labelled with the sink's
+/// redacted URL).
+pub struct SinkState {
+    /// The sink itself, for periodic health checks.
+    pub sink: Arc<dyn Sink>,
+    check_ok: AtomicBool,
+    send_ok: AtomicBool,
+    last_error: Mutex<Option<String>>,
+    pub(crate) sent: Counter,
+    pub(crate) failed_retryable: Counter,
+    pub(crate) failed_permanent: Counter,
+    pub(crate) retries: Counter,
+    pub(crate) send_seconds: Histogram,
+    up: Gauge,
+}
+
+impl SinkState {
+    /// Not healthy until its first check passed.
+    pub fn new(sink: Arc<dyn Sink>, role: &'static str) -> Arc<Self> {
+        let name = sink.describe().to_string();
+        let labels = [("sink", name), ("role", role.to_string())];
+        Arc::new(SinkState {
+            check_ok: AtomicBool::new(false),
+            send_ok: AtomicBool::new(true),
+            last_error: Mutex::new(Some("not checked yet".into())),
+            sent: metrics::counter!(t::SINK_SENT, &labels),
+            failed_retryable: metrics::counter!(t::SINK_FAILED, &labels_with(&labels, "retryable")),
+            failed_permanent: metrics::counter!(t::SINK_FAILED, &labels_with(&labels, "permanent")),
+            retries: metrics::counter!(t::SINK_RETRIES, &labels),
+            send_seconds: metrics::histogram!(t::SINK_SEND_SECONDS, &labels),
+            up: metrics::gauge!(t::SINK_UP, &labels),
+            sink,
+        })
+    }
+
+    /// Whether deliveries and checks currently succeed.
+    pub fn is_up(&self) -> bool {
+        self.check_ok.load(Ordering::Acquire) && self.send_ok.load(Ordering::Acquire)
+    }
+
+    /// Why it is not up, if it is not.
+    pub fn problem(&self) -> Option<String> {
+        if self.is_up() {
+            return None;
+        }
+        Some(
+            self.last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .unwrap_or_else(|| "unhealthy".into()),
+        )
+    }
+
+    fn set(&self, flag: &AtomicBool, error: Option<String>) {
+        let ok = error.is_none();
+        flag.store(ok, Ordering::Release);
+        if let Some(e) = error {
+            *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+        }
+        self.up.set(if self.is_up() { 1.0 } else { 0.0 });
+    }
+
+    /// The outcome of a health check.
+    pub fn checked(&self, error: Option<String>) {
+        self.set(&self.check_ok, error);
+    }
+
+    /// The outcome of a delivery (permanent rejections say nothing about
+    /// the sink's health and are not reported here).
+    pub fn delivered(&self, error: Option<String>) {
+        if error.is_some() || !self.send_ok.load(Ordering::Acquire) {
+            self.set(&self.send_ok, error);
+        }
+    }
+}
+
+fn labels_with(base: &[(&'static str, String); 2], class: &str) -> [(&'static str, String); 3] {
+    [
+        base[0].clone(),
+        base[1].clone(),
+        ("error", class.to_string()),
+    ]
+}
+
+/// Everything readiness depends on.
+pub struct Health {
+    /// The source; up while a Pull stream is open.
+    pub source: Arc<Source>,
+    /// Every sink, the dead-letter sink included.
+    pub sinks: Vec<Arc<SinkState>>,
+}
+
+impl Health {
+    /// `Ok` when ready; otherwise every reason it is not, one per line.
+    pub fn readiness(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        if self.source.open_streams() == 0 {
+            problems.push("source: no Pull stream open".to_string());
+        }
+        for s in &self.sinks {
+            if let Some(p) = s.problem() {
+                problems.push(format!("sink {}: {p}", s.sink.describe()));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+/// Checks `state`'s sink every `interval` until shutdown; a check that
+/// takes longer than the interval (at most 10 s) counts as failed.
+pub async fn monitor(state: Arc<SinkState>, interval: Duration, mut shutdown: Shutdown) {
+    let limit = interval.clamp(Duration::from_secs(1), Duration::from_secs(10));
+    let mut was_up = None;
+    loop {
+        let error = match tokio::time::timeout(limit, state.sink.healthcheck()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!("health check timed out after {limit:?}")),
+        };
+        state.checked(error.clone());
+        let up = error.is_none();
+        if was_up != Some(up) {
+            match &error {
+                None => tracing::info!(sink = state.sink.describe(), "sink healthy"),
+                Some(e) => tracing::warn!(sink = state.sink.describe(), error = %e,
+                    "sink not healthy; deliveries are retried and nothing is acknowledged meanwhile"),
+            }
+            was_up = Some(up);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.wait() => return,
+        }
+    }
+}
