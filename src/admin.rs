@@ -35,7 +35,10 @@ pub async fn serve(listener: TcpListener, admin: Admin, mut shutdown: Shutdown) 
         .route("/readyz", get(ready))
         .with_state(admin);
     let stop = async move { shutdown.wait().await };
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await
+    {
         tracing::error!(error = %e, "metrics endpoint failed");
     }
 }

@@ -124,10 +124,9 @@ pub fn parse_args(args: Vec<OsString>) -> Result<Cli, Failure> {
             Some(ValueSource::CommandLine | ValueSource::EnvVariable)
         )
     };
-    let flags = crate::config::flags_from_toml(&text, &cmd, &given, &|name| {
-        std::env::var(name).ok()
-    })
-    .map_err(in_file)?;
+    let flags =
+        crate::config::flags_from_toml(&text, &cmd, &given, &|name| std::env::var(name).ok())
+            .map_err(in_file)?;
     let mut merged = args;
     let rest = merged.split_off(1.min(merged.len()));
     merged.extend(flags.into_iter().map(OsString::from));
@@ -473,7 +472,9 @@ fn bridge_config(args: &BridgeArgs, source: String) -> Result<BridgeConfig, Fail
     let health_interval = seconds("--health-interval", args.health_interval)?;
     let stats_interval = seconds("--stats-interval", args.stats_interval)?;
     if health_interval < Duration::from_millis(100) {
-        return Err(Failure::usage("--health-interval must be at least 0.1 seconds"));
+        return Err(Failure::usage(
+            "--health-interval must be at least 0.1 seconds",
+        ));
     }
     let mut source = SourceConfig::new(source);
     source.queue = args.queue.clone();
@@ -560,11 +561,10 @@ async fn check(cfg: &BridgeConfig, sinks: &[Arc<dyn Sink>]) -> Result<(), Failur
         ),
         src::probe(&cfg.source).await,
     );
-    let all = sinks.iter().map(|s| ("sink", s)).chain(
-        cfg.dead_letter
-            .iter()
-            .map(|s| ("dead-letter sink", s)),
-    );
+    let all = sinks
+        .iter()
+        .map(|s| ("sink", s))
+        .chain(cfg.dead_letter.iter().map(|s| ("dead-letter sink", s)));
     for (role, sink) in all {
         let outcome = match tokio::time::timeout(Duration::from_secs(15), sink.healthcheck()).await
         {

@@ -16,7 +16,7 @@ use toml::Value;
 /// Keys a file may not set.
 const NOT_IN_FILE: &[&str] = &["config", "help", "version"];
 
-/// The flags `text` stands for, in file order. `given(id)` says whether
+/// The flags `text` stands for (by key; a list keeps its order). `given(id)` says whether
 /// the command line or the environment already set that argument (then
 /// the file's value is skipped); `env(name)` looks up `${name}`.
 pub fn flags_from_toml(
@@ -119,9 +119,8 @@ fn expand(key: &str, s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<St
                 .find('}')
                 .ok_or_else(|| format!("key `{key}`: `${{` without a closing `}}`"))?;
             let name = &body[..end];
-            let v = env(name).ok_or_else(|| {
-                format!("key `{key}`: environment variable `{name}` is not set")
-            })?;
+            let v = env(name)
+                .ok_or_else(|| format!("key `{key}`: environment variable `{name}` is not set"))?;
             out.push_str(&v);
             rest = &body[end + 1..];
         } else {
@@ -160,14 +159,32 @@ queue_name = "skipped: given on the command line"
         assert_eq!(
             got,
             [
-                "--source=grpcs://cluster.example.com",
-                "--sink=stdout://",
-                "--sink=amqp://bridge:s3cret@mq/ci?exchange=builds",
+                "--check",
                 "--max-in-flight=5000",
                 "--shutdown-timeout=2.5",
-                "--check",
+                "--sink=stdout://",
+                "--sink=amqp://bridge:s3cret@mq/ci?exchange=builds",
+                "--source=grpcs://cluster.example.com",
             ]
         );
+    }
+
+    #[test]
+    fn the_example_configuration_parses_as_flags() {
+        let text = include_str!("../examples/evbridge.toml");
+        let cmd = crate::cli::Cli::command();
+        let env = |k: &str| Some(format!("<{k}>"));
+        let flags = flags_from_toml(text, &cmd, &|_| false, &env).unwrap();
+        assert!(flags.contains(&"--token-file=<CREDENTIALS_DIRECTORY>/token".to_string()));
+        assert!(
+            flags
+                .iter()
+                .any(|f| f.contains("evbridge:<RABBITMQ_PASSWORD>@rabbitmq"))
+        );
+        let mut argv = vec!["evbridge".to_string()];
+        argv.extend(flags);
+        cmd.try_get_matches_from(argv)
+            .expect("every key is a valid flag");
     }
 
     #[test]

@@ -207,11 +207,12 @@ pub async fn probe(cfg: &SourceConfig) -> Result<(), String> {
         continuation_token: None,
         replay_mode: es::replay_mode_options::ReplayMode::StopAfterLastKnown as i32,
     };
-    let status = match tokio::time::timeout(Duration::from_secs(15), store.get_invocation(req)).await {
-        Err(_) => return Err("no answer within 15s".into()),
-        Ok(Ok(_)) => return Ok(()),
-        Ok(Err(status)) => status,
-    };
+    let status =
+        match tokio::time::timeout(Duration::from_secs(15), store.get_invocation(req)).await {
+            Err(_) => return Err("no answer within 15s".into()),
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(status)) => status,
+        };
     match status.code() {
         Code::NotFound | Code::InvalidArgument | Code::OutOfRange => Ok(()),
         Code::Unauthenticated | Code::PermissionDenied => Err(format!(
@@ -664,16 +665,18 @@ impl Source {
             Ok(()) => {
                 // The stream may be gone: then the token is worthless anyway.
                 if ack.send(token).is_ok() {
-                    self.meters.ack_seconds.record(received.elapsed().as_secs_f64());
+                    self.meters
+                        .ack_seconds
+                        .record(received.elapsed().as_secs_f64());
                 }
             }
             Err(reasons) => {
                 self.meters.unacked.increment(1);
                 error!(
-                notification = %n.id,
-                "not acknowledged (it will be redelivered): {}",
-                reasons.join("; ")
-            )
+                    notification = %n.id,
+                    "not acknowledged (it will be redelivered): {}",
+                    reasons.join("; ")
+                )
             }
         }
     }

@@ -80,7 +80,10 @@ pub fn install() -> Result<PrometheusHandle, String> {
 }
 
 fn describe() {
-    describe_counter!(RECEIVED, "Notifications received from the queue, repeats included.");
+    describe_counter!(
+        RECEIVED,
+        "Notifications received from the queue, repeats included."
+    );
     describe_counter!(
         REDELIVERED,
         "Notifications this process had already received once."
@@ -109,7 +112,10 @@ fn describe() {
         "Event-store streams resumed after an interruption."
     );
     describe_gauge!(SOURCE_UP, "Pull streams open now.");
-    describe_gauge!(IN_PROGRESS, "Notifications received and not yet acknowledged.");
+    describe_gauge!(
+        IN_PROGRESS,
+        "Notifications received and not yet acknowledged."
+    );
     describe_counter!(SUBMITTED, "Envelopes accepted into the pipeline.");
     describe_gauge!(IN_FLIGHT, "Envelopes not yet confirmed by every sink.");
     describe_counter!(CONFIRMED, "Envelopes confirmed by every sink.");

@@ -2,13 +2,13 @@
 //! bounded behind a stalled sink while the pull pauses, and secrets never
 //! reach the output, even at trace level.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::process::{Killed as Proc, SimProcess, spawn_sim as sim};
+use common::process::{Killed as Proc, spawn_sim as sim};
 
 const BIN: &str = env!("CARGO_BIN_EXE_evbridge");
 
@@ -20,21 +20,6 @@ fn rss_kib(pid: u32) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-/// The simulator's report, asked for with SIGUSR1.
-fn sim_report(sim: &mut SimProcess) -> serde_json::Value {
-    let ok = Command::new("kill")
-        .args(["-USR1", &sim.child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    let mut line = String::new();
-    BufReader::new(sim.child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    serde_json::from_str(&line).unwrap()
 }
 
 #[test]
@@ -72,11 +57,11 @@ fn a_stalled_sink_bounds_memory_and_pauses_the_pull() {
     while start.elapsed() < Duration::from_secs(12) {
         peak = peak.max(rss_kib(pid));
         if earlier.is_none() && start.elapsed() > Duration::from_secs(6) {
-            earlier = Some(sim_report(&mut s)["delivered"].as_u64().unwrap());
+            earlier = Some(s.report()["delivered"].as_u64().unwrap());
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let report = sim_report(&mut s);
+    let report = s.report();
     let delivered = report["delivered"].as_u64().unwrap();
     let notifications = report["notifications"].as_u64().unwrap();
     eprintln!(
@@ -104,8 +89,11 @@ fn secrets_never_reach_logs_or_errors_even_at_trace_level() {
                  &rdkafka.sasl.mechanism=PLAIN&rdkafka.sasl.username=u\
                  &rdkafka.sasl.password=kafka-SECRET-0815";
     let amqp = "amqp://evb:amqp-SECRET-1234@127.0.0.1:5672/%2f?exchange=evb-none";
+    let port = common::brokers::free_port();
+    let listen = format!("127.0.0.1:{port}");
     let mut child = Command::new(BIN)
         .args(["--source", &url, "--sink", kafka, "--sink", amqp])
+        .args(["--metrics-listen", &listen, "--stats-interval", "0.5"])
         .env("EVBRIDGE_TOKEN", "tok-SECRET-4711")
         .env("RUST_LOG", "trace")
         .stdout(Stdio::piped())
@@ -127,6 +115,18 @@ fn secrets_never_reach_logs_or_errors_even_at_trace_level() {
         }),
     );
     std::thread::sleep(Duration::from_secs(5));
+    // The endpoint names both sinks (unhealthy) without their secrets.
+    let mut scraped = String::new();
+    for path in ["/metrics", "/readyz"] {
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        std::io::Write::write_all(&mut conn, format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .unwrap();
+        conn.read_to_string(&mut scraped).unwrap();
+    }
+    assert!(
+        scraped.contains("evbridge_sink_up{sink=\"kafka://") && scraped.contains("amqp://evb:***@"),
+        "{scraped}"
+    );
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -138,7 +138,7 @@ fn secrets_never_reach_logs_or_errors_even_at_trace_level() {
     let stdout = readers.0.join().unwrap();
     let stderr = readers.1.join().unwrap();
     assert!(stderr.len() > 10_000, "trace logging produced output");
-    for text in [&stdout, &stderr] {
+    for text in [&stdout, &stderr, &scraped] {
         assert!(!text.contains("SECRET"), "a secret leaked: {}", {
             let at = text.find("SECRET").unwrap();
             &text[at.saturating_sub(200)..(at + 50).min(text.len())]

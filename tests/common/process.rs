@@ -23,6 +23,23 @@ pub struct SimProcess {
     pub url: String,
 }
 
+impl SimProcess {
+    /// The simulator's JSON report, asked for with SIGUSR1.
+    pub fn report(&mut self) -> serde_json::Value {
+        let ok = Command::new("kill")
+            .args(["-USR1", &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let mut line = String::new();
+        BufReader::new(self.child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+}
+
 impl Drop for SimProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
