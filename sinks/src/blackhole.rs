@@ -10,13 +10,17 @@ use url::Url;
 
 use crate::{BatchError, Envelope, OpenError, Options, Sink};
 
-/// Discards envelopes; optionally prints a rate line every `interval`.
+/// Discards envelopes; optionally prints a rate line every `interval`,
+/// and optionally confirms at most `rate` envelopes per second (a slow
+/// destination, to load-test back-pressure and memory bounds).
 #[derive(Debug)]
 pub struct Blackhole {
     count: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
     shown: String,
     reporter: Option<tokio::task::JoinHandle<()>>,
+    /// Seconds per envelope when throttled.
+    pace: Option<f64>,
 }
 
 impl Blackhole {
@@ -27,6 +31,7 @@ impl Blackhole {
             bytes: Arc::default(),
             shown: "blackhole://".into(),
             reporter: None,
+            pace: None,
         }
     }
 
@@ -71,13 +76,13 @@ impl Drop for Blackhole {
     }
 }
 
-/// Parses `blackhole://[?interval=SECONDS]` (also `none://`); must be
+/// Parses `blackhole://[?interval=SECONDS&rate=PER_SECOND]` (also `none://`); must be
 /// called inside a tokio runtime when `interval` is set.
 pub fn open(url: &Url) -> Result<Blackhole, OpenError> {
     let mut opts = Options::new(url)?;
     if url.host_str().is_some_and(|h| !h.is_empty()) || !matches!(url.path(), "" | "/") {
         return Err(opts.invalid(format!(
-            "{0}:// takes no host or path; accepted form: {0}://[?interval=SECONDS]",
+            "{0}:// takes no host or path; accepted form: {0}://[?interval=SECONDS&rate=PER_SECOND]",
             url.scheme()
         )));
     }
@@ -87,9 +92,16 @@ pub fn open(url: &Url) -> Result<Blackhole, OpenError> {
             "option `interval={s}` must be a positive number of seconds"
         )));
     }
+    let rate: Option<f64> = opts.parse("rate", "envelopes per second")?;
+    if let Some(r) = rate.filter(|r| !(*r > 0.0 && r.is_finite())) {
+        return Err(opts.invalid(format!(
+            "option `rate={r}` must be a positive number of envelopes per second"
+        )));
+    }
     let mut hole = Blackhole::new();
     hole.shown = opts.shown_url().to_string();
-    opts.finish(&["interval"])?;
+    hole.pace = rate.map(|r| 1.0 / r);
+    opts.finish(&["interval", "rate"])?;
     if let Some(s) = interval {
         hole.report_every(Duration::from_secs_f64(s));
     }
@@ -103,6 +115,9 @@ impl Sink for Blackhole {
     }
 
     async fn send(&self, batch: &[Arc<Envelope>]) -> Result<(), BatchError> {
+        if let Some(pace) = self.pace {
+            tokio::time::sleep(Duration::from_secs_f64(pace * batch.len() as f64)).await;
+        }
         let bytes: usize = batch.iter().map(|e| e.json().len()).sum();
         self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         self.count.fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -124,5 +139,20 @@ mod tests {
         hole.send(&batch).await.unwrap();
         hole.send(&batch[..2]).await.unwrap();
         assert_eq!(hole.count(), 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_throttles_confirmations() {
+        let hole = open(&Url::parse("blackhole://?rate=100").unwrap()).unwrap();
+        let batch: Vec<_> = (0..50)
+            .map(|i| Arc::new(test_envelope(&i.to_string())))
+            .collect();
+        let start = tokio::time::Instant::now();
+        hole.send(&batch).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_millis(500));
+        for bad in ["blackhole://?rate=0", "blackhole://?rate=x"] {
+            let e = open(&Url::parse(bad).unwrap()).unwrap_err().to_string();
+            assert!(e.contains("rate"), "{e}");
+        }
     }
 }

