@@ -22,6 +22,8 @@ const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f1e_3c0a_8d2b_4b7e_9a51_0c4d_e2f3_
 const MAX_ANY_DEPTH: usize = 16;
 const ANY: &str = "google.protobuf.Any";
 const RAW_ANY_TYPE_URL: &str = "type.googleapis.com/evbridge.v1.RawAny";
+/// Field number of `StreamedBuildEvent.continuation_token`.
+const STREAMED_CONTINUATION_TOKEN: u32 = 2;
 
 /// Topic names given to the two kinds of envelope.
 #[derive(Debug, Clone)]
@@ -248,21 +250,23 @@ impl Normalizer {
             attributes.insert("command_name".into(), cmd.to_string());
         }
 
-        // The continuation token is transport state, not content.
-        let mut stripped = ev.clone();
-        stripped.continuation_token.clear();
-        let bytes = stripped.encode_to_vec();
+        // The continuation token is transport state, not content; cleared
+        // on the dynamic copy, which spares cloning the event.
+        let bytes = ev.encode_to_vec();
         let mut problems = Vec::new();
         let payload = match DynamicMessage::decode(self.streamed.clone(), bytes.as_slice()) {
             Ok(mut msg) => {
+                msg.clear_field_by_number(STREAMED_CONTINUATION_TOKEN);
                 self.sanitize(&mut msg, 0, &mut problems);
                 with_keywords(&msg, keywords)
             }
             Err(e) => {
                 let problem = format!("build event does not decode dynamically: {e}");
+                let mut stripped = ev.clone();
+                stripped.continuation_token.clear();
                 let raw = self.raw_any_json(
                     "type.googleapis.com/engflow.eventstore.v1.StreamedBuildEvent",
-                    &bytes,
+                    &stripped.encode_to_vec(),
                     &problem,
                 );
                 problems.push(problem);
@@ -364,27 +368,36 @@ impl Normalizer {
 }
 
 fn to_raw(msg: &DynamicMessage) -> Box<RawValue> {
-    let text = serde_json::to_string(msg).unwrap_or_else(|e| {
+    // Written straight into a RawValue: no second parse to validate it.
+    serde_json::value::to_raw_value(msg).unwrap_or_else(|e| {
         // Every Any was sanitized, so the encoder has nothing left to fail
         // on; keep an explicit error object rather than panicking.
-        json!({ "error": format!("JSON encoding failed: {e}") }).to_string()
-    });
-    RawValue::from_string(text).expect("serde_json output is valid JSON")
+        serde_json::value::to_raw_value(&json!({ "error": format!("JSON encoding failed: {e}") }))
+            .expect("a JSON object serializes")
+    })
 }
 
-/// The message's JSON with the parsed keywords added as `parsedKeywords`.
+/// The message's JSON with the parsed keywords added as `parsedKeywords`
+/// (the last member), written straight after the message's own members
+/// instead of through a `serde_json::Value` tree.
 fn with_keywords(msg: &DynamicMessage, keywords: Map<String, serde_json::Value>) -> Box<RawValue> {
+    let raw = to_raw(msg);
     if keywords.is_empty() {
-        return to_raw(msg);
+        return raw;
     }
-    let mut value = match serde_json::to_value(msg) {
-        Ok(v) => v,
-        Err(e) => json!({ "error": format!("JSON encoding failed: {e}") }),
-    };
-    if let Some(obj) = value.as_object_mut() {
-        obj.insert("parsedKeywords".into(), keywords.into());
+    let mut text = String::from(Box::<str>::from(raw));
+    // A message always encodes as an object: `{}` or `{...}`.
+    if !text.ends_with('}') {
+        return RawValue::from_string(text).expect("serde_json output is valid JSON");
     }
-    RawValue::from_string(value.to_string()).expect("serde_json output is valid JSON")
+    text.pop();
+    if text.len() > 1 {
+        text.push(',');
+    }
+    text.push_str("\"parsedKeywords\":");
+    text.push_str(&serde_json::Value::Object(keywords).to_string());
+    text.push('}');
+    RawValue::from_string(text).expect("serde_json output is valid JSON")
 }
 
 /// Keywords such as `command_name=test` and
