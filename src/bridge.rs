@@ -78,7 +78,7 @@ pub async fn run(
     sinks: Vec<Arc<dyn Sink>>,
     shutdown: Shutdown,
 ) -> Result<Summary, SourceError> {
-    let (channel, auth) = connect(&cfg.source)?;
+    let channels = connect(&cfg.source)?;
     // The recorder must exist before the pipeline and source make their
     // metric handles; the listener is bound now so a taken port is a
     // clear error at start.
@@ -96,8 +96,7 @@ pub async fn run(
         Pipeline::start_with_dead_letter(sinks, cfg.dead_letter.clone(), cfg.limits);
     let source = Source::new(
         cfg.source,
-        channel,
-        auth,
+        channels,
         Normalizer::new(cfg.topics),
         pipeline.clone(),
     );

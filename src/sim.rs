@@ -44,6 +44,13 @@ pub struct SimConfig {
     /// Overrides every reader's acknowledgement window (fault injection:
     /// a short window makes slow acks late).
     pub ack_window_override: Option<Duration>,
+    /// Read acknowledgements only when there is nothing left to send
+    /// (fault injection: a server the bridge must not deadlock with by
+    /// blocking its reads on sending acks).
+    pub lazy_acks: bool,
+    /// HTTP/2 receive window per stream, in bytes (a small window makes
+    /// flow control bite with small test worlds).
+    pub http2_window: Option<u32>,
 }
 
 impl Default for SimConfig {
@@ -58,6 +65,8 @@ impl Default for SimConfig {
             rate: 0.0,
             hold: false,
             ack_window_override: None,
+            lazy_acks: false,
+            http2_window: None,
         }
     }
 }
@@ -243,11 +252,12 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     tokio::spawn(sim.clone().release_loop(shutdown.clone()));
     tokio::spawn(sim.clone().expiry_loop(shutdown.clone()));
+    let window = sim.cfg.http2_window;
     let svc = Service {
         sim,
         shutdown: shutdown.clone(),
     };
-    let mut builder = Server::builder();
+    let mut builder = Server::builder().initial_stream_window_size(window);
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
@@ -362,26 +372,33 @@ async fn pull_loop(
 ) {
     let cap = sim.cfg.max_unacked_per_reader.max(1);
     let mut acks_here = 0usize;
+    // Whether the queue may have something for this stream; cleared when
+    // it had nothing, set again when it changes or acks free room.
+    let mut want_more = true;
     loop {
         let notified = sim.queue.changed.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        while let Some((token, n)) = sim.queue.take(stream, window, cap) {
-            let resp = nq::PullNotificationResponse {
-                notification: Some(
-                    nq::pull_notification_response::AcknowledgeableNotification {
-                        token,
-                        notification: Some((*n).clone()),
-                    },
-                ),
-                acknowledgement_receipt: vec![],
-            };
-            if tx.send(Ok(resp)).await.is_err() {
-                return;
-            }
-        }
+        // Acknowledgements are read whenever they come, between
+        // deliveries, as the real service does: a client that waits for
+        // its acks to be taken must never stall the stream.
         tokio::select! {
-            msg = inbound.message() => {
+            permit = tx.reserve(), if want_more => {
+                let Ok(permit) = permit else { return };
+                match sim.queue.take(stream, window, cap) {
+                    Some((token, n)) => permit.send(Ok(nq::PullNotificationResponse {
+                        notification: Some(
+                            nq::pull_notification_response::AcknowledgeableNotification {
+                                token,
+                                notification: Some((*n).clone()),
+                            },
+                        ),
+                        acknowledgement_receipt: vec![],
+                    })),
+                    None => want_more = false,
+                }
+            }
+            msg = inbound.message(), if !(sim.cfg.lazy_acks && want_more) => {
                 let req = match msg {
                     Ok(Some(req)) => req,
                     Ok(None) | Err(_) => return,
@@ -411,6 +428,7 @@ async fn pull_loop(
                         return;
                     }
                 }
+                want_more = true;
                 let every = sim.cfg.drop_stream_every;
                 if every > 0 && acks_here >= every {
                     sim.counters.streams_dropped.fetch_add(1, Ordering::Relaxed);
@@ -418,7 +436,7 @@ async fn pull_loop(
                     return;
                 }
             }
-            _ = &mut notified => {}
+            _ = &mut notified => want_more = true,
             _ = shutdown.wait() => {
                 let _ = tx.send(Err(Status::unavailable("simulator shutting down"))).await;
                 return;

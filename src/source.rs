@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::codegen::InterceptedService;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -126,9 +126,24 @@ type QueueClient =
     nq::notification_queue_client::NotificationQueueClient<InterceptedService<Channel, Auth>>;
 type StoreClient = es::event_store_client::EventStoreClient<InterceptedService<Channel, Auth>>;
 
-/// Builds the gRPC channel (lazy: connection errors surface on calls and
+/// The gRPC connections of a source: one for the notification queue and
+/// one for the event store. Separate HTTP/2 connections, because their
+/// flow-control windows must not be shared: acknowledgements a server is
+/// slow to read would otherwise block the event-store calls the
+/// notifications in progress wait for, and the pull with them.
+#[derive(Clone)]
+pub struct Channels {
+    /// For `Pull`.
+    pub queue: Channel,
+    /// For `GetInvocation`.
+    pub store: Channel,
+    /// Auth headers for both.
+    pub auth: Auth,
+}
+
+/// Builds the gRPC channels (lazy: connection errors surface on calls and
 /// are retried there) and the auth interceptor.
-pub fn connect(cfg: &SourceConfig) -> Result<(Channel, Auth), SourceError> {
+pub fn connect(cfg: &SourceConfig) -> Result<Channels, SourceError> {
     let url = url::Url::parse(&cfg.endpoint).map_err(|e| {
         SourceError::Config(format!(
             "source `{}` is not a URL ({e}); accepted forms: grpc://HOST[:PORT], grpcs://HOST[:PORT]",
@@ -190,7 +205,11 @@ pub fn connect(cfg: &SourceConfig) -> Result<(Channel, Auth), SourceError> {
             Auth(Some(v))
         }
     };
-    Ok((endpoint.connect_lazy(), auth))
+    Ok(Channels {
+        queue: endpoint.connect_lazy(),
+        store: endpoint.connect_lazy(),
+        auth,
+    })
 }
 
 /// Checks that the cluster answers and accepts the credentials, without
@@ -199,8 +218,8 @@ pub fn connect(cfg: &SourceConfig) -> Result<(Channel, Auth), SourceError> {
 /// where "not found" is the healthy answer. The queue name itself is only
 /// checked by the first Pull.
 pub async fn probe(cfg: &SourceConfig) -> Result<(), String> {
-    let (channel, auth) = connect(cfg).map_err(|e| e.to_string())?;
-    let mut store = es::event_store_client::EventStoreClient::with_interceptor(channel, auth);
+    let c = connect(cfg).map_err(|e| e.to_string())?;
+    let mut store = es::event_store_client::EventStoreClient::with_interceptor(c.store, c.auth);
     let req = es::GetInvocationRequest {
         instance_name: String::new(),
         invocation_id: format!("evbridge-check-{}", uuid::Uuid::new_v4()),
@@ -356,23 +375,25 @@ fn is_transient(code: Code) -> bool {
 }
 
 impl Source {
-    /// A source over an established channel.
+    /// A source over its channels.
     pub fn new(
         cfg: SourceConfig,
-        channel: Channel,
-        auth: Auth,
+        channels: Channels,
         normalizer: Normalizer,
         pipeline: Arc<Pipeline>,
     ) -> Arc<Self> {
         let max = 64 * 1024 * 1024;
         Arc::new(Source {
             queue: nq::notification_queue_client::NotificationQueueClient::with_interceptor(
-                channel.clone(),
-                auth.clone(),
+                channels.queue,
+                channels.auth.clone(),
             )
             .max_decoding_message_size(max),
-            store: es::event_store_client::EventStoreClient::with_interceptor(channel, auth)
-                .max_decoding_message_size(max),
+            store: es::event_store_client::EventStoreClient::with_interceptor(
+                channels.store,
+                channels.auth,
+            )
+            .max_decoding_message_size(max),
             in_progress: Arc::new(Semaphore::new(cfg.max_notifications.max(1))),
             cfg,
             normalizer,
@@ -435,7 +456,11 @@ impl Source {
             if !std::mem::take(&mut first) {
                 self.meters.reconnects.increment(1);
             }
-            let (req_tx, req_rx) = mpsc::channel(16);
+            // Unbounded: acknowledgements (one per notification received,
+            // so bounded by what was delivered) must never block the loop
+            // that reads deliveries, or a server that reads acks only
+            // between its sends would deadlock with us.
+            let (req_tx, req_rx) = mpsc::unbounded_channel();
             let first = nq::PullNotificationRequest {
                 queue: Some(nq::QueueId {
                     name: self.cfg.queue.clone(),
@@ -449,10 +474,10 @@ impl Source {
                 }),
                 acknowledgement_tokens: vec![],
             };
-            req_tx.send(first).await.expect("receiver alive");
+            req_tx.send(first).expect("receiver alive");
             let mut client = self.queue.clone();
             let opened = tokio::select! {
-                r = client.pull(ReceiverStream::new(req_rx)) => r,
+                r = client.pull(UnboundedReceiverStream::new(req_rx)) => r,
                 _ = shutdown.wait() => return Ok(()),
             };
             let inbound = match opened {
@@ -508,7 +533,7 @@ impl Source {
     async fn session(
         self: &Arc<Self>,
         mut inbound: tonic::Streaming<nq::PullNotificationResponse>,
-        req_tx: mpsc::Sender<nq::PullNotificationRequest>,
+        req_tx: mpsc::UnboundedSender<nq::PullNotificationRequest>,
         mut shutdown: Shutdown,
     ) -> SessionEnd {
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<String>();
@@ -536,7 +561,7 @@ impl Source {
                     };
                     self.stats.acks_sent.fetch_add(n as u64, Ordering::Relaxed);
                     self.meters.acked.increment(n as u64);
-                    if req_tx.send(req).await.is_err() {
+                    if req_tx.send(req).is_err() {
                         break SessionEnd::Broken("request stream closed".into(), delivered_any);
                     }
                 }
