@@ -9,21 +9,15 @@ use std::collections::BTreeMap;
 
 use evbridge_sinks::{Envelope, Event};
 use prost::Message as _;
-use prost_reflect::{DynamicMessage, MessageDescriptor, ReflectMessage, Value};
 use serde_json::value::RawValue;
 use serde_json::{Map, json};
 use uuid::Uuid;
 
-use crate::pb::{self, DESCRIPTORS, LIFECYCLE_TYPE_URL, es, nq};
+use crate::json::{JsonWriter, ProtoJson};
+use crate::pb::{self, LIFECYCLE_TYPE_URL, es, nq};
 
 /// Namespace of the v5 UUIDs evbridge derives its envelope ids from.
 const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f1e_3c0a_8d2b_4b7e_9a51_0c4d_e2f3_a7b9);
-/// How many `Any` values deep expansion goes before leaving the rest raw.
-const MAX_ANY_DEPTH: usize = 16;
-const ANY: &str = "google.protobuf.Any";
-const RAW_ANY_TYPE_URL: &str = "type.googleapis.com/evbridge.v1.RawAny";
-/// Field number of `StreamedBuildEvent.continuation_token`.
-const STREAMED_CONTINUATION_TOKEN: u32 = 2;
 
 /// Topic names given to the two kinds of envelope.
 #[derive(Debug, Clone)]
@@ -83,9 +77,6 @@ pub struct BuildEvent {
 #[derive(Debug, Clone)]
 pub struct Normalizer {
     topics: Topics,
-    lifecycle: MessageDescriptor,
-    streamed: MessageDescriptor,
-    raw_any: MessageDescriptor,
 }
 
 impl Default for Normalizer {
@@ -97,17 +88,7 @@ impl Default for Normalizer {
 impl Normalizer {
     /// A normalizer writing the given topic names.
     pub fn new(topics: Topics) -> Self {
-        let msg = |name: &str| {
-            DESCRIPTORS
-                .get_message_by_name(name)
-                .unwrap_or_else(|| panic!("{name} is in proto/"))
-        };
-        Normalizer {
-            topics,
-            lifecycle: msg("engflow.eventstore.v1.BuildLifecycleEventNotification"),
-            streamed: msg("engflow.eventstore.v1.StreamedBuildEvent"),
-            raw_any: msg("evbridge.v1.RawAny"),
-        }
+        Normalizer { topics }
     }
 
     /// The lifecycle envelope of one notification.
@@ -146,7 +127,7 @@ impl Normalizer {
         let l = match decoded {
             Ok(l) => l,
             Err(problem) => {
-                let raw = self.raw_any_json(type_url, value, &problem);
+                let raw = raw_any_json(type_url, value, &problem);
                 let envelope = Envelope::new(event(
                     "raw_notification",
                     "default".into(),
@@ -188,21 +169,7 @@ impl Normalizer {
             attributes.insert("command_name".into(), cmd.to_string());
         }
 
-        let mut problems = Vec::new();
-        let payload = match DynamicMessage::decode(self.lifecycle.clone(), value) {
-            Ok(mut msg) => {
-                self.sanitize(&mut msg, 0, &mut problems);
-                with_keywords(&msg, keywords)
-            }
-            // The typed decode succeeded, so this cannot happen unless the
-            // descriptor set and the generated code disagree.
-            Err(e) => {
-                let problem = format!("payload does not decode dynamically: {e}");
-                let raw = self.raw_any_json(type_url, value, &problem);
-                problems.push(problem);
-                raw
-            }
-        };
+        let (payload, problems) = payload_json(&l, &keywords);
         let fetch = match &l.kind {
             Some(Kind::InvocationFinished(i)) => Some(Invocation {
                 notification_id: n.id.clone(),
@@ -250,29 +217,9 @@ impl Normalizer {
             attributes.insert("command_name".into(), cmd.to_string());
         }
 
-        // The continuation token is transport state, not content; cleared
-        // on the dynamic copy, which spares cloning the event.
-        let bytes = ev.encode_to_vec();
-        let mut problems = Vec::new();
-        let payload = match DynamicMessage::decode(self.streamed.clone(), bytes.as_slice()) {
-            Ok(mut msg) => {
-                msg.clear_field_by_number(STREAMED_CONTINUATION_TOKEN);
-                self.sanitize(&mut msg, 0, &mut problems);
-                with_keywords(&msg, keywords)
-            }
-            Err(e) => {
-                let problem = format!("build event does not decode dynamically: {e}");
-                let mut stripped = ev.clone();
-                stripped.continuation_token.clear();
-                let raw = self.raw_any_json(
-                    "type.googleapis.com/engflow.eventstore.v1.StreamedBuildEvent",
-                    &stripped.encode_to_vec(),
-                    &problem,
-                );
-                problems.push(problem);
-                raw
-            }
-        };
+        // The continuation token is transport state, not content: the
+        // generated encoder leaves it out.
+        let (payload, problems) = payload_json(ev, &keywords);
         let envelope = Envelope::new(Event {
             id: build_event_id(&inv.invocation_id, seq),
             name: name.into(),
@@ -286,118 +233,56 @@ impl Normalizer {
         });
         BuildEvent { envelope, problems }
     }
-
-    /// Replaces every `Any` inside `msg` whose type is unknown or whose
-    /// bytes do not decode with an `evbridge.v1.RawAny` holding the
-    /// original, so the JSON encoder never fails and nothing is dropped.
-    fn sanitize(&self, msg: &mut DynamicMessage, depth: usize, problems: &mut Vec<String>) {
-        for (_, value) in msg.fields_mut() {
-            self.sanitize_value(value, depth, problems);
-        }
-    }
-
-    fn sanitize_value(&self, value: &mut Value, depth: usize, problems: &mut Vec<String>) {
-        match value {
-            Value::Message(m) if m.descriptor().full_name() == ANY => {
-                self.sanitize_any(m, depth, problems)
-            }
-            Value::Message(m) => self.sanitize(m, depth, problems),
-            Value::List(items) => {
-                for v in items {
-                    self.sanitize_value(v, depth, problems);
-                }
-            }
-            Value::Map(map) => {
-                for v in map.values_mut() {
-                    self.sanitize_value(v, depth, problems);
-                }
-            }
-            _ => {}
-        }
-    }
-
-    fn sanitize_any(&self, any: &mut DynamicMessage, depth: usize, problems: &mut Vec<String>) {
-        let type_url = any
-            .get_field_by_number(1)
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
-        let value = any
-            .get_field_by_number(2)
-            .and_then(|v| v.as_bytes().cloned())
-            .unwrap_or_default();
-        if type_url == RAW_ANY_TYPE_URL {
-            return;
-        }
-        let type_name = type_url.rsplit('/').next().unwrap_or_default();
-        let problem = if depth >= MAX_ANY_DEPTH {
-            format!("`Any` nested deeper than {MAX_ANY_DEPTH} levels left raw")
-        } else {
-            match DESCRIPTORS.get_message_by_name(type_name) {
-                None => format!("unknown type `{type_url}` left raw"),
-                Some(desc) => match DynamicMessage::decode(desc, value.as_ref()) {
-                    Ok(mut inner) => {
-                        let before = problems.len();
-                        self.sanitize(&mut inner, depth + 1, problems);
-                        if problems.len() != before {
-                            any.set_field_by_number(2, Value::Bytes(inner.encode_to_vec().into()));
-                        }
-                        return;
-                    }
-                    Err(e) => format!("`{type_url}` does not decode ({e}); left raw"),
-                },
-            }
-        };
-        let mut raw = DynamicMessage::new(self.raw_any.clone());
-        raw.set_field_by_number(1, Value::String(type_url));
-        raw.set_field_by_number(2, Value::Bytes(value));
-        raw.set_field_by_number(3, Value::String(problem.clone()));
-        any.set_field_by_number(1, Value::String(RAW_ANY_TYPE_URL.into()));
-        any.set_field_by_number(2, Value::Bytes(raw.encode_to_vec().into()));
-        problems.push(problem);
-    }
-
-    /// `{"typeUrl", "value" (base64), "error"}`: the payload of anything
-    /// that could not be decoded at all.
-    fn raw_any_json(&self, type_url: &str, value: &[u8], problem: &str) -> Box<RawValue> {
-        let mut raw = DynamicMessage::new(self.raw_any.clone());
-        raw.set_field_by_number(1, Value::String(type_url.into()));
-        raw.set_field_by_number(2, Value::Bytes(value.to_vec().into()));
-        raw.set_field_by_number(3, Value::String(problem.into()));
-        to_raw(&raw)
-    }
 }
 
-fn to_raw(msg: &DynamicMessage) -> Box<RawValue> {
-    // Written straight into a RawValue: no second parse to validate it.
-    serde_json::value::to_raw_value(msg).unwrap_or_else(|e| {
-        // Every Any was sanitized, so the encoder has nothing left to fail
-        // on; keep an explicit error object rather than panicking.
-        serde_json::value::to_raw_value(&json!({ "error": format!("JSON encoding failed: {e}") }))
-            .expect("a JSON object serializes")
-    })
+/// `{"typeUrl", "value" (base64), "error"}`: the payload of anything that
+/// could not be decoded at all.
+fn raw_any_json(type_url: &str, value: &[u8], problem: &str) -> Box<RawValue> {
+    let mut w = JsonWriter::with_capacity(64 + value.len() * 4 / 3 + problem.len());
+    w.begin_object();
+    w.raw_any_members(type_url, value, problem);
+    w.end_object();
+    raw_value(w.finish().0)
 }
 
 /// The message's JSON with the parsed keywords added as `parsedKeywords`
-/// (the last member), written straight after the message's own members
-/// instead of through a `serde_json::Value` tree.
-fn with_keywords(msg: &DynamicMessage, keywords: Map<String, serde_json::Value>) -> Box<RawValue> {
-    let raw = to_raw(msg);
-    if keywords.is_empty() {
-        return raw;
+/// (the last member), and what was left raw inside it.
+fn payload_json<T: ProtoJson>(
+    msg: &T,
+    keywords: &Map<String, serde_json::Value>,
+) -> (Box<RawValue>, Vec<String>) {
+    let mut w = JsonWriter::with_capacity(1024);
+    w.begin_object();
+    msg.write_members(&mut w);
+    if !keywords.is_empty() {
+        w.key("parsedKeywords");
+        write_object(&mut w, keywords);
     }
-    let mut text = String::from(Box::<str>::from(raw));
-    // A message always encodes as an object: `{}` or `{...}`.
-    if !text.ends_with('}') {
-        return RawValue::from_string(text).expect("serde_json output is valid JSON");
+    w.end_object();
+    let (text, problems) = w.finish();
+    (raw_value(text), problems)
+}
+
+fn write_object(w: &mut JsonWriter, m: &Map<String, serde_json::Value>) {
+    w.begin_object();
+    for (k, v) in m {
+        w.key_str(k);
+        match v {
+            serde_json::Value::String(s) => w.str(s),
+            serde_json::Value::Object(m) => write_object(w, m),
+            other => w.raw(&other.to_string()),
+        }
     }
-    text.pop();
-    if text.len() > 1 {
-        text.push(',');
-    }
-    text.push_str("\"parsedKeywords\":");
-    text.push_str(&serde_json::Value::Object(keywords).to_string());
-    text.push('}');
-    RawValue::from_string(text).expect("serde_json output is valid JSON")
+    w.end_object();
+}
+
+fn raw_value(text: String) -> Box<RawValue> {
+    RawValue::from_string(text).unwrap_or_else(|e| {
+        // The writer only emits valid JSON; keep an explicit error object
+        // rather than panicking should that ever be wrong.
+        serde_json::value::to_raw_value(&json!({ "error": format!("JSON encoding failed: {e}") }))
+            .expect("a JSON object serializes")
+    })
 }
 
 /// Keywords such as `command_name=test` and

@@ -1,12 +1,8 @@
 //! Generated protobuf and gRPC code, nested by package so the generated
-//! cross-package paths resolve, plus short aliases and the descriptor pool
-//! that turns any of these messages into canonical JSON.
+//! cross-package paths resolve, plus short aliases and the descriptor set
+//! (for tools and tests that want reflection; the bridge itself does not).
 
 #![allow(missing_docs, clippy::all, clippy::pedantic)]
-
-use std::sync::LazyLock;
-
-use prost_reflect::DescriptorPool;
 
 pub mod engflow {
     pub mod notification {
@@ -74,8 +70,6 @@ pub const LIFECYCLE_TYPE_URL: &str =
 /// Type URL of Bazel's events inside `BuildEvent.bazel_event`.
 pub const BAZEL_EVENT_TYPE_URL: &str = "type.googleapis.com/build_event_stream.BuildEvent";
 
-/// Every message of `proto/` and the well-known types, for reflection.
-pub static DESCRIPTORS: LazyLock<DescriptorPool> = LazyLock::new(|| {
-    DescriptorPool::decode(include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin")).as_ref())
-        .expect("descriptor set built by build.rs decodes")
-});
+/// Every message of `proto/` and the well-known types it uses, as an
+/// encoded `FileDescriptorSet`.
+pub const DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));

@@ -1,8 +1,11 @@
 //! Compiles `proto/` with protox (pure Rust, no protoc on the machine) and
 //! generates the tonic clients/servers plus a descriptor set that
-//! normalization uses to turn any known message into canonical JSON.
+//! tests use as an independent JSON witness, and (`json.rs`) the direct
+//! JSON encoders normalization uses.
 
 use std::path::{Path, PathBuf};
+
+mod json;
 
 fn protos(dir: &Path, out: &mut Vec<PathBuf>) {
     let mut entries: Vec<_> = std::fs::read_dir(dir)
@@ -24,6 +27,7 @@ fn main() {
     let mut files = Vec::new();
     protos(root, &mut files);
     println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-changed=build");
 
     let fds = protox::compile(&files, [root]).unwrap_or_else(|e| panic!("proto/: {e}"));
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
@@ -32,6 +36,10 @@ fn main() {
         prost::Message::encode_to_vec(&fds),
     )
     .expect("write descriptor.bin");
+
+    let pool = prost_reflect::DescriptorPool::from_file_descriptor_set(fds.clone())
+        .unwrap_or_else(|e| panic!("proto/: {e}"));
+    std::fs::write(out.join("json.rs"), json::generate(&pool)).expect("write json.rs");
 
     tonic_prost_build::configure()
         .build_client(true)
