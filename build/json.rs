@@ -249,26 +249,23 @@ pub fn generate(pool: &DescriptorPool) -> String {
         }
         writeln!(out, "    }}\n}}\n").unwrap();
     }
-    writeln!(
-        out,
-        "/// Decodes `value` as the known message `name` and writes it as the\n\
-         /// members of an `Any`'s JSON; `None` when `name` is not known.\n\
-         pub(crate) fn write_known_any(w: &mut JsonWriter, name: &str, type_url: &str, value: &[u8]) \
-         -> Option<Result<(), ::prost::DecodeError>> {{\n    match name {{"
-    )
-    .unwrap();
+    out.push_str(
+        "/// Every known message by full name: decodes an `Any`'s bytes as that\n\
+         /// message and writes it with `@type`.\n\
+         static KNOWN_ANY: ::std::sync::LazyLock<::std::collections::HashMap<&'static str, AnyWriter>> =\n\
+         \x20   ::std::sync::LazyLock::new(|| ::std::collections::HashMap::from([\n",
+    );
     for (name, path) in &registry {
         writeln!(
             out,
-            "        {name:?} => Some(w.typed_any::<{path}>(type_url, value)),"
+            "        ({name:?}, JsonWriter::typed_any::<{path}> as AnyWriter),"
         )
         .unwrap();
     }
     writeln!(
         out,
-        "        {TIMESTAMP:?} => Some(w.wkt_any::<::prost_types::Timestamp>(type_url, value, JsonWriter::timestamp)),\n\
-         \x20       {DURATION:?} => Some(w.wkt_any::<::prost_types::Duration>(type_url, value, JsonWriter::duration)),\n\
-         \x20       _ => None,\n    }}\n}}"
+        "        ({TIMESTAMP:?}, timestamp_any as AnyWriter),\n\
+         \x20       ({DURATION:?}, duration_any as AnyWriter),\n    ]));"
     )
     .unwrap();
     out

@@ -18,6 +18,7 @@ use std::fmt::Write as _;
 
 use base64::Engine as _;
 use base64::prelude::BASE64_STANDARD;
+use evbridge_sinks::push_json_str;
 
 /// How many `Any` values deep expansion goes before leaving the rest raw.
 pub const MAX_ANY_DEPTH: usize = 16;
@@ -126,31 +127,7 @@ impl JsonWriter {
 
     /// A JSON string, escaped as serde_json escapes it.
     pub fn str(&mut self, s: &str) {
-        self.out.push('"');
-        let bytes = s.as_bytes();
-        let mut start = 0;
-        for (i, &b) in bytes.iter().enumerate() {
-            let escape = match b {
-                b'"' => "\\\"",
-                b'\\' => "\\\\",
-                b'\n' => "\\n",
-                b'\r' => "\\r",
-                b'\t' => "\\t",
-                0x08 => "\\b",
-                0x0c => "\\f",
-                0..=0x1f => "",
-                _ => continue,
-            };
-            self.out.push_str(&s[start..i]);
-            if escape.is_empty() {
-                let _ = write!(self.out, "\\u{b:04x}");
-            } else {
-                self.out.push_str(escape);
-            }
-            start = i + 1;
-        }
-        self.out.push_str(&s[start..]);
-        self.out.push('"');
+        push_json_str(&mut self.out, s);
     }
 
     /// Text that is already valid JSON (a serde_json value's output).
@@ -234,7 +211,9 @@ impl JsonWriter {
 
     /// RFC 3339 UTC with 0, 3, 6 or 9 fractional digits.
     pub fn timestamp(&mut self, t: &prost_types::Timestamp) {
-        let _ = write!(self.out, "\"{t}\"");
+        self.out.push('"');
+        push_timestamp(&mut self.out, t);
+        self.out.push('"');
     }
 
     /// Seconds with an `s` suffix, such as `1.5s`.
@@ -251,7 +230,9 @@ impl JsonWriter {
             format!("`Any` nested deeper than {MAX_ANY_DEPTH} levels left raw")
         } else {
             self.depth += 1;
-            let written = write_known_any(self, name, url, &any.value);
+            let written = KNOWN_ANY
+                .get(name)
+                .map(|write| write(self, url, &any.value));
             self.depth -= 1;
             match written {
                 Some(Ok(())) => return,
@@ -319,26 +300,118 @@ impl JsonWriter {
     }
 }
 
+/// Writes a known message found in an `Any` (see `KNOWN_ANY`).
+type AnyWriter = fn(&mut JsonWriter, &str, &[u8]) -> Result<(), prost::DecodeError>;
+
+fn timestamp_any(w: &mut JsonWriter, url: &str, value: &[u8]) -> Result<(), prost::DecodeError> {
+    w.wkt_any(url, value, JsonWriter::timestamp)
+}
+
+fn duration_any(w: &mut JsonWriter, url: &str, value: &[u8]) -> Result<(), prost::DecodeError> {
+    w.wkt_any(url, value, JsonWriter::duration)
+}
+
 include!(concat!(env!("OUT_DIR"), "/json.rs"));
+
+/// Appends a timestamp in RFC 3339 UTC with 0, 3, 6 or 9 fractional
+/// digits: exactly what `prost_types::Timestamp`'s `Display` writes,
+/// without going through `fmt` for the usual years 0001–9999.
+pub fn push_timestamp(out: &mut String, t: &prost_types::Timestamp) {
+    const MIN: i64 = -62_135_596_800; // 0001-01-01T00:00:00Z
+    const MAX: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    if !(MIN..=MAX).contains(&t.seconds) || !(0..1_000_000_000).contains(&t.nanos) {
+        let _ = write!(out, "{t}");
+        return;
+    }
+    let days = t.seconds.div_euclid(86_400);
+    let secs = t.seconds.rem_euclid(86_400);
+    // Days to civil date (H. Hinnant's algorithm, proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+
+    // All in range: four-digit year, two-digit fields.
+    let field = |v: i64| v as u32;
+    push_digits(out, field(year), 4);
+    out.push('-');
+    push_digits(out, field(month), 2);
+    out.push('-');
+    push_digits(out, field(day), 2);
+    out.push('T');
+    push_digits(out, field(secs / 3600), 2);
+    out.push(':');
+    push_digits(out, field(secs / 60 % 60), 2);
+    out.push(':');
+    push_digits(out, field(secs % 60), 2);
+    let nanos = t.nanos as u32;
+    if nanos == 0 {
+    } else if nanos % 1_000_000 == 0 {
+        out.push('.');
+        push_digits(out, nanos / 1_000_000, 3);
+    } else if nanos % 1_000 == 0 {
+        out.push('.');
+        push_digits(out, nanos / 1_000, 6);
+    } else {
+        out.push('.');
+        push_digits(out, nanos, 9);
+    }
+    out.push('Z');
+}
+
+/// `value`'s last `width` (at most 9) decimal digits, zero-padded.
+fn push_digits(out: &mut String, mut value: u32, width: usize) {
+    let mut buf = [b'0'; 9];
+    let digits = &mut buf[..width.min(9)];
+    for slot in digits.iter_mut().rev() {
+        *slot = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
+    out.push_str(std::str::from_utf8(digits).unwrap_or_default());
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn strings_are_escaped_like_serde_json() {
-        for s in [
-            "plain",
-            "q\"uote\\",
-            "line\nbreak\ttab\r",
-            "\u{1}\u{1f}\u{8}\u{c}",
-            "é€😀",
-            "",
-        ] {
-            let mut w = JsonWriter::default();
-            w.str(s);
-            let (text, _) = w.finish();
-            assert_eq!(text, serde_json::to_string(s).unwrap(), "{s:?}");
+    fn timestamps_are_written_as_prost_types_displays_them() {
+        let mut rng = fastrand::Rng::with_seed(3);
+        let edges = [
+            (0, 0),
+            (-1, 999_999_999),
+            (-62_135_596_800, 0),
+            (-62_135_596_801, 5),
+            (253_402_300_799, 999_000_000),
+            (253_402_300_800, 0),
+            (951_782_400, 1_000), // 2000-02-29
+            (4_107_542_400, 120), // 2100-03-01
+            (1_795_564_800, 250_000_000),
+            (5, -3),
+            (5, 1_000_000_000),
+            (i64::MIN, 0),
+        ];
+        let random = (0..20_000).map(|_| {
+            (
+                rng.i64(-70_000_000_000..260_000_000_000),
+                [
+                    0,
+                    rng.i32(0..1_000) * 1_000_000,
+                    rng.i32(0..1_000_000) * 1_000,
+                    rng.i32(0..1_000_000_000),
+                ][rng.usize(0..4)],
+            )
+        });
+        for (seconds, nanos) in edges.into_iter().chain(random) {
+            let t = prost_types::Timestamp { seconds, nanos };
+            let mut out = String::new();
+            push_timestamp(&mut out, &t);
+            assert_eq!(out, t.to_string(), "{seconds} {nanos}");
         }
     }
 

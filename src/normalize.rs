@@ -7,10 +7,8 @@
 
 use std::collections::BTreeMap;
 
-use evbridge_sinks::{Envelope, Event};
+use evbridge_sinks::{Envelope, Event, Payload};
 use prost::Message as _;
-use serde_json::value::RawValue;
-use serde_json::{Map, json};
 use uuid::Uuid;
 
 use crate::json::{JsonWriter, ProtoJson};
@@ -93,10 +91,7 @@ impl Normalizer {
 
     /// The lifecycle envelope of one notification.
     pub fn lifecycle(&self, n: &nq::Notification) -> Lifecycle {
-        let timestamp = n
-            .timestamp
-            .map(|t| t.to_string())
-            .unwrap_or_else(now_rfc3339);
+        let timestamp = n.timestamp.map(|t| rfc3339(&t)).unwrap_or_else(now_rfc3339);
         let mut attributes = BTreeMap::from([("notification_id".to_string(), n.id.clone())]);
         let event = |name: &str, namespace: String, key: String, attributes, payload| Event {
             id: notification_envelope_id(&n.id),
@@ -164,8 +159,8 @@ impl Normalizer {
         if let Some(user) = l.auth_context.as_ref().and_then(|a| a.user.as_ref()) {
             attributes.insert("principal".into(), user.principal.clone());
         }
-        let keywords = parse_keywords(&l.keywords);
-        if let Some(cmd) = keywords.get("commandName").and_then(|c| c.as_str()) {
+        let keywords = Keywords::parse(&l.keywords);
+        if let Some(cmd) = keywords.command_name {
             attributes.insert("command_name".into(), cmd.to_string());
         }
 
@@ -201,19 +196,22 @@ impl Normalizer {
             .map_or("build_event", build_event_name);
         let timestamp = build_event
             .and_then(|b| b.event_time)
-            .map_or_else(|| inv.timestamp.clone(), |t| t.to_string());
-        let keywords = parse_keywords(progress.map_or(&[][..], |p| &p.notification_keywords));
+            .map_or_else(|| inv.timestamp.clone(), |t| rfc3339(&t));
+        let keywords = Keywords::parse(progress.map_or(&[][..], |p| &p.notification_keywords));
 
         let mut attributes = BTreeMap::from([
             ("notification_id".to_string(), inv.notification_id.clone()),
             ("build_id".to_string(), inv.build_id.clone()),
             ("invocation_id".to_string(), inv.invocation_id.clone()),
-            ("sequence".to_string(), seq.to_string()),
+            (
+                "sequence".to_string(),
+                itoa::Buffer::new().format(seq).to_string(),
+            ),
         ]);
         if !ev.principal.is_empty() {
             attributes.insert("principal".into(), ev.principal.clone());
         }
-        if let Some(cmd) = keywords.get("commandName").and_then(|c| c.as_str()) {
+        if let Some(cmd) = keywords.command_name {
             attributes.insert("command_name".into(), cmd.to_string());
         }
 
@@ -237,85 +235,96 @@ impl Normalizer {
 
 /// `{"typeUrl", "value" (base64), "error"}`: the payload of anything that
 /// could not be decoded at all.
-fn raw_any_json(type_url: &str, value: &[u8], problem: &str) -> Box<RawValue> {
+fn raw_any_json(type_url: &str, value: &[u8], problem: &str) -> Payload {
     let mut w = JsonWriter::with_capacity(64 + value.len() * 4 / 3 + problem.len());
     w.begin_object();
     w.raw_any_members(type_url, value, problem);
     w.end_object();
-    raw_value(w.finish().0)
+    Payload::trusted(w.finish().0)
 }
 
 /// The message's JSON with the parsed keywords added as `parsedKeywords`
 /// (the last member), and what was left raw inside it.
-fn payload_json<T: ProtoJson>(
-    msg: &T,
-    keywords: &Map<String, serde_json::Value>,
-) -> (Box<RawValue>, Vec<String>) {
-    let mut w = JsonWriter::with_capacity(1024);
+fn payload_json<T: ProtoJson>(msg: &T, keywords: &Keywords) -> (Payload, Vec<String>) {
+    let mut w = JsonWriter::with_capacity(4096);
     w.begin_object();
     msg.write_members(&mut w);
     if !keywords.is_empty() {
         w.key("parsedKeywords");
-        write_object(&mut w, keywords);
+        keywords.write(&mut w);
     }
     w.end_object();
     let (text, problems) = w.finish();
-    (raw_value(text), problems)
-}
-
-fn write_object(w: &mut JsonWriter, m: &Map<String, serde_json::Value>) {
-    w.begin_object();
-    for (k, v) in m {
-        w.key_str(k);
-        match v {
-            serde_json::Value::String(s) => w.str(s),
-            serde_json::Value::Object(m) => write_object(w, m),
-            other => w.raw(&other.to_string()),
-        }
-    }
-    w.end_object();
-}
-
-fn raw_value(text: String) -> Box<RawValue> {
-    RawValue::from_string(text).unwrap_or_else(|e| {
-        // The writer only emits valid JSON; keep an explicit error object
-        // rather than panicking should that ever be wrong.
-        serde_json::value::to_raw_value(&json!({ "error": format!("JSON encoding failed: {e}") }))
-            .expect("a JSON object serializes")
-    })
+    (Payload::trusted(text), problems)
 }
 
 /// Keywords such as `command_name=test` and
-/// `user_keyword=engflow:CiCdPipelineName=post-merge` as a structured
-/// object: `commandName`, `userKeywords` (a map) and `other` (a map).
-pub fn parse_keywords(keywords: &[String]) -> Map<String, serde_json::Value> {
-    let mut out = Map::new();
-    let mut user = Map::new();
-    let mut other = Map::new();
-    for kw in keywords {
-        match kw.split_once('=') {
-            Some(("command_name", v)) => {
-                out.insert("commandName".into(), v.into());
-            }
-            Some(("user_keyword", v)) => {
-                let (k, v) = v.split_once('=').unwrap_or((v, ""));
-                user.insert(k.into(), v.into());
-            }
-            Some((k, v)) => {
-                other.insert(k.into(), v.into());
-            }
-            None => {
-                other.insert(kw.clone(), "".into());
+/// `user_keyword=engflow:CiCdPipelineName=post-merge`, structured: the
+/// payload's `parsedKeywords` is `{"commandName", "other": {…},
+/// "userKeywords": {…}}`, maps sorted by key, the last of a repeated key
+/// winning.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Keywords<'a> {
+    /// `command_name=…`.
+    pub command_name: Option<&'a str>,
+    /// `user_keyword=KEY=VALUE` (`VALUE` empty when there is no `=`).
+    pub user: Vec<(&'a str, &'a str)>,
+    /// Any other `KEY=VALUE`, or a bare word with an empty value.
+    pub other: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> Keywords<'a> {
+    /// Parses EngFlow's notification keywords.
+    pub fn parse(keywords: &'a [String]) -> Self {
+        let mut out = Keywords::default();
+        for kw in keywords {
+            match kw.split_once('=') {
+                Some(("command_name", v)) => out.command_name = Some(v),
+                Some(("user_keyword", v)) => out.user.push(v.split_once('=').unwrap_or((v, ""))),
+                Some(kv) => out.other.push(kv),
+                None => out.other.push((kw, "")),
             }
         }
+        for list in [&mut out.user, &mut out.other] {
+            // Stable, so among equal keys the last given stays last.
+            list.sort_by(|a, b| a.0.cmp(b.0));
+            let mut i = 0;
+            while i + 1 < list.len() {
+                if list[i].0 == list[i + 1].0 {
+                    list.remove(i);
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        out
     }
-    if !user.is_empty() {
-        out.insert("userKeywords".into(), user.into());
+
+    /// No keywords at all.
+    pub fn is_empty(&self) -> bool {
+        self.command_name.is_none() && self.user.is_empty() && self.other.is_empty()
     }
-    if !other.is_empty() {
-        out.insert("other".into(), other.into());
+
+    /// Writes the structured object.
+    pub fn write(&self, w: &mut JsonWriter) {
+        w.begin_object();
+        if let Some(cmd) = self.command_name {
+            w.key("commandName");
+            w.str(cmd);
+        }
+        for (name, list) in [("other", &self.other), ("userKeywords", &self.user)] {
+            if !list.is_empty() {
+                w.key(name);
+                w.begin_object();
+                for (k, v) in list {
+                    w.key_str(k);
+                    w.str(v);
+                }
+                w.end_object();
+            }
+        }
+        w.end_object();
     }
-    out
 }
 
 fn build_event_name(event: &pb::bes::build_event::Event) -> &'static str {
@@ -353,11 +362,23 @@ pub fn notification_envelope_id(notification_id: &str) -> String {
 
 /// The envelope id of the `seq`-th event of an invocation.
 pub fn build_event_id(invocation_id: &str, seq: u64) -> String {
-    Uuid::new_v5(&ID_NAMESPACE, format!("{invocation_id}/{seq}").as_bytes())
+    let mut name = String::with_capacity(invocation_id.len() + 21);
+    name.push_str(invocation_id);
+    name.push('/');
+    name.push_str(itoa::Buffer::new().format(seq));
+    let mut hex = [0u8; 32];
+    Uuid::new_v5(&ID_NAMESPACE, name.as_bytes())
         .simple()
+        .encode_lower(&mut hex)
         .to_string()
 }
 
 fn now_rfc3339() -> String {
-    prost_types::Timestamp::from(std::time::SystemTime::now()).to_string()
+    rfc3339(&prost_types::Timestamp::from(std::time::SystemTime::now()))
+}
+
+fn rfc3339(t: &prost_types::Timestamp) -> String {
+    let mut s = String::with_capacity(30);
+    crate::json::push_timestamp(&mut s, t);
+    s
 }

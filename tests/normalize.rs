@@ -3,7 +3,8 @@
 //!
 //! `UPDATE_GOLDEN=1 cargo test --test normalize` rewrites the fixtures.
 
-use evbridge::normalize::{Invocation, Normalizer, parse_keywords};
+use evbridge::json::JsonWriter;
+use evbridge::normalize::{Invocation, Keywords, Normalizer};
 use evbridge::pb::{self, bep, bes, es, nq};
 use evbridge::sinks::Envelope;
 use prost::Message;
@@ -253,14 +254,37 @@ fn ids_are_deterministic() {
 
 #[test]
 fn keywords_become_structured() {
-    let kws: Vec<String> = KEYWORDS.iter().map(|s| s.to_string()).collect();
-    let m = serde_json::Value::Object(parse_keywords(&kws));
+    let json = |kws: &[&str]| {
+        let kws: Vec<String> = kws.iter().map(|s| s.to_string()).collect();
+        let mut w = JsonWriter::default();
+        Keywords::parse(&kws).write(&mut w);
+        let text = w.finish().0;
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()
+    };
     assert_eq!(
-        m,
+        json(&KEYWORDS),
         serde_json::json!({
             "commandName": "test",
             "userKeywords": {"engflow:CiCdPipelineName": "post-merge", "flaky": ""},
             "other": {"bazel_version": "8.4.2"}
+        })
+    );
+    // The last of a repeated key wins; a bare word is a key with no value.
+    assert_eq!(
+        json(&[
+            "command_name=build",
+            "user_keyword=a=1",
+            "zz=1",
+            "user_keyword=a=2",
+            "command_name=test",
+            "bare",
+            "zz=2",
+            "user_keyword=b",
+        ]),
+        serde_json::json!({
+            "commandName": "test",
+            "userKeywords": {"a": "2", "b": ""},
+            "other": {"bare": "", "zz": "2"}
         })
     );
 }

@@ -1,10 +1,11 @@
 //! The one shape every event takes on its way to a sink.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::ops::Deref;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 
 /// The fields of an envelope, as they appear in its JSON.
@@ -34,7 +35,146 @@ pub struct Event {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub attributes: BTreeMap<String, String>,
     /// The event itself as JSON.
-    pub payload: Box<RawValue>,
+    pub payload: Payload,
+}
+
+/// The JSON text of an event's payload.
+///
+/// Checked when it comes from outside ([`Payload::parse`], [`From`] a
+/// `RawValue`); evbridge's own encoders, whose output is tested against an
+/// independent encoder, hand over their text with [`Payload::trusted`]
+/// so that the hot path does not parse every payload again. Once sealed
+/// in an [`Envelope`] it shares the envelope's JSON bytes (no second copy).
+/// Always UTF-8.
+#[derive(Clone)]
+pub struct Payload(Text);
+
+#[derive(Clone)]
+enum Text {
+    Owned(String),
+    Sealed(Bytes),
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Payload {}
+
+impl Payload {
+    /// Checks that `text` is one JSON value.
+    pub fn parse(text: String) -> Result<Self, serde_json::Error> {
+        Ok(RawValue::from_string(text)?.into())
+    }
+
+    /// Text an encoder of this project produced; checked in debug builds
+    /// (so in every test), taken as is in release builds.
+    pub fn trusted(text: String) -> Self {
+        debug_assert!(
+            serde_json::from_str::<serde::de::IgnoredAny>(&text).is_ok(),
+            "not JSON: {text}"
+        );
+        Payload(Text::Owned(text))
+    }
+
+    /// The JSON text, as bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match &self.0 {
+            Text::Owned(s) => s.as_bytes(),
+            Text::Sealed(b) => b,
+        }
+    }
+
+    /// The JSON text.
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        // Built only from `String`s, `RawValue`s or whole JSON values cut
+        // out of an envelope, so this never has anything to replace.
+        match &self.0 {
+            Text::Owned(s) => std::borrow::Cow::Borrowed(s),
+            Text::Sealed(b) => String::from_utf8_lossy(b),
+        }
+    }
+}
+
+impl From<Box<RawValue>> for Payload {
+    fn from(raw: Box<RawValue>) -> Self {
+        Payload(Text::Owned(String::from(Box::<str>::from(raw))))
+    }
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text())
+    }
+}
+
+impl Serialize for Payload {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // Only off the hot path (Envelope::new writes the JSON itself).
+        let raw =
+            RawValue::from_string(self.text().into_owned()).map_err(serde::ser::Error::custom)?;
+        raw.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Box::<RawValue>::deserialize(deserializer).map(Payload::from)
+    }
+}
+
+/// Appends `s` as a JSON string, escaped exactly as serde_json escapes it.
+pub fn push_json_str(out: &mut String, s: &str) {
+    out.reserve(s.len() + 2);
+    out.push('"');
+    let bytes = s.as_bytes();
+    let (mut start, mut i) = (0, 0);
+    while i < bytes.len() {
+        // Eight bytes at a time while none needs escaping.
+        if let Some(chunk) = bytes.get(i..i + 8) {
+            let word = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+            if !needs_escape(word) {
+                i += 8;
+                continue;
+            }
+        }
+        let b = bytes[i];
+        if b < 0x20 || b == b'"' || b == b'\\' {
+            out.push_str(&s[start..i]);
+            match b {
+                b'"' => out.push_str("\\\""),
+                b'\\' => out.push_str("\\\\"),
+                b'\n' => out.push_str("\\n"),
+                b'\r' => out.push_str("\\r"),
+                b'\t' => out.push_str("\\t"),
+                0x08 => out.push_str("\\b"),
+                0x0c => out.push_str("\\f"),
+                _ => {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    out.push_str("\\u00");
+                    out.push(char::from(HEX[usize::from(b >> 4)]));
+                    out.push(char::from(HEX[usize::from(b & 0xf)]));
+                }
+            }
+            start = i + 1;
+        }
+        i += 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
+/// Whether any of eight bytes is a control character, `"` or `\`
+/// (exact: the classic has-zero-byte / has-less-than tests).
+fn needs_escape(word: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let below_space = word.wrapping_sub(ONES * 0x20) & !word & HIGH;
+    (below_space | zero(word ^ (ONES * u64::from(b'"'))) | zero(word ^ (ONES * u64::from(b'\\'))))
+        != 0
 }
 
 /// An [`Event`] with its JSON encoded once, so fan-out to several sinks
@@ -49,15 +189,58 @@ impl Envelope {
     /// Version written into every envelope.
     pub const VERSION: u32 = 1;
 
-    /// Seals an event: encodes its JSON once.
-    pub fn new(event: Event) -> Self {
-        // Serializing a struct of strings, a map of strings and a RawValue
-        // cannot fail.
-        let json = serde_json::to_vec(&event).expect("envelope serializes");
-        Envelope {
-            event,
-            json: Bytes::from(json),
+    /// Seals an event: encodes its JSON once (written directly, the same
+    /// bytes serde would write for [`Event`]).
+    pub fn new(mut event: Event) -> Self {
+        let e = &event;
+        let attrs: usize = e
+            .attributes
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 6)
+            .sum();
+        let mut out = String::with_capacity(
+            128 + e.id.len()
+                + e.name.len()
+                + e.namespace.len()
+                + e.timestamp.len()
+                + e.topic.len()
+                + e.key.len()
+                + attrs
+                + e.payload.as_bytes().len(),
+        );
+        let member = |out: &mut String, name: &str, value: &str| {
+            out.push_str(name);
+            push_json_str(out, value);
+        };
+        member(&mut out, "{\"id\":", &e.id);
+        member(&mut out, ",\"name\":", &e.name);
+        member(&mut out, ",\"namespace\":", &e.namespace);
+        member(&mut out, ",\"timestamp\":", &e.timestamp);
+        out.push_str(",\"version\":");
+        out.push_str(itoa::Buffer::new().format(e.version));
+        member(&mut out, ",\"topic\":", &e.topic);
+        member(&mut out, ",\"key\":", &e.key);
+        if !e.attributes.is_empty() {
+            out.push_str(",\"attributes\":{");
+            for (i, (k, v)) in e.attributes.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                push_json_str(&mut out, k);
+                out.push(':');
+                push_json_str(&mut out, v);
+            }
+            out.push('}');
         }
+        out.push_str(",\"payload\":");
+        let start = out.len();
+        out.push_str(&e.payload.text());
+        let end = out.len();
+        out.push('}');
+        let json = Bytes::from(out.into_bytes());
+        // The payload's own buffer is freed; it now points into the JSON.
+        event.payload = Payload(Text::Sealed(json.slice(start..end)));
+        Envelope { event, json }
     }
 
     /// The envelope as one compact JSON object.
@@ -83,19 +266,26 @@ impl Deref for Envelope {
 mod tests {
     use super::*;
 
-    #[test]
-    fn json_has_accelbyte_fields_and_round_trips() {
-        let env = Envelope::new(Event {
+    fn event(attributes: BTreeMap<String, String>) -> Event {
+        Event {
             id: "0123456789abcdef0123456789abcdef".into(),
             name: "invocation_finished".into(),
-            namespace: "default".into(),
+            namespace: "ci \"east\"\n".into(),
             timestamp: "2026-11-25T01:02:03Z".into(),
             version: Envelope::VERSION,
             topic: "lifecycle".into(),
-            key: "inv".into(),
-            attributes: BTreeMap::from([("command_name".into(), "test".into())]),
-            payload: RawValue::from_string(r#"{"a":1}"#.into()).unwrap(),
-        });
+            key: "inv\\1\u{1}".into(),
+            attributes,
+            payload: Payload::parse(r#"{"a":1,"b":["x"]}"#.into()).unwrap(),
+        }
+    }
+
+    #[test]
+    fn json_has_accelbyte_fields_and_round_trips() {
+        let env = Envelope::new(event(BTreeMap::from([(
+            "command_name".into(),
+            "test".into(),
+        )])));
         let v: serde_json::Value = serde_json::from_slice(env.json()).unwrap();
         for field in [
             "id",
@@ -111,6 +301,70 @@ mod tests {
         assert_eq!(v["payload"]["a"], 1);
         let back: Event = serde_json::from_slice(env.json()).unwrap();
         assert_eq!(back.attributes["command_name"], "test");
+        assert_eq!(back.payload, env.payload);
         assert_eq!(env.name, "invocation_finished");
+    }
+
+    /// The hand-written encoder against serde's, byte for byte.
+    #[test]
+    fn json_is_what_serde_writes() {
+        for attributes in [
+            BTreeMap::new(),
+            BTreeMap::from([
+                ("b\"x".to_string(), "2\t".to_string()),
+                ("a".to_string(), "ü€😀\u{7f}".to_string()),
+            ]),
+        ] {
+            let e = event(attributes);
+            let env = Envelope::new(e.clone());
+            assert_eq!(
+                std::str::from_utf8(env.json()).unwrap(),
+                serde_json::to_string(&e).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn strings_are_escaped_like_serde_json() {
+        let long = format!("{}\"{}\u{1f}", "a".repeat(40), "é".repeat(20));
+        for s in [
+            "plain",
+            "q\"uote\\",
+            "line\nbreak\ttab\r",
+            "\u{1}\u{1f}\u{8}\u{c}",
+            "é€😀",
+            "",
+            "exactly sixteen!",
+            long.as_str(),
+        ] {
+            let mut out = String::new();
+            push_json_str(&mut out, s);
+            assert_eq!(out, serde_json::to_string(s).unwrap(), "{s:?}");
+        }
+    }
+
+    /// Every byte value at every position of a word, against serde_json.
+    #[test]
+    fn every_byte_is_escaped_like_serde_json() {
+        for b in 0u8..0x80 {
+            for pos in 0..12 {
+                let mut text = "abcdefghijkl".to_string().into_bytes();
+                text[pos] = b;
+                let text = String::from_utf8(text).unwrap();
+                let mut out = String::new();
+                push_json_str(&mut out, &text);
+                assert_eq!(
+                    out,
+                    serde_json::to_string(&text).unwrap(),
+                    "{b:#x} at {pos}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn payload_parse_rejects_what_is_not_json() {
+        assert!(Payload::parse("{\"a\":".into()).is_err());
+        assert!(Payload::parse("[1,2]".into()).is_ok());
     }
 }

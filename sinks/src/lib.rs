@@ -38,7 +38,7 @@ mod stdout;
 mod template;
 
 pub use blackhole::Blackhole;
-pub use envelope::{Envelope, Event};
+pub use envelope::{Envelope, Event, Payload, push_json_str};
 pub use error::{BatchError, OpenError, SinkError};
 #[cfg(feature = "grpc")]
 pub use grpc::{EngFlowRequest, EngFlowResponse};
@@ -131,7 +131,7 @@ pub(crate) fn test_envelope(id: &str) -> Envelope {
         topic: "lifecycle".into(),
         key: id.into(),
         attributes: Default::default(),
-        payload: serde_json::value::RawValue::from_string(r#"{"n":1}"#.into()).unwrap(),
+        payload: Payload::trusted(r#"{"n":1}"#.into()),
     })
 }
 
