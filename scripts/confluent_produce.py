@@ -6,6 +6,7 @@ key and headers), waiting for every delivery report; print the rate.
 usage: confluent_produce.py BOOTSTRAP TOPIC FILE
 FILE holds lines of `KEY<TAB>ID<TAB>NAME<TAB>NAMESPACE<TAB>TOPIC<TAB>JSON`.
 """
+import resource
 import sys
 import time
 
@@ -32,6 +33,7 @@ def main() -> None:
             failed.append(err)
 
     start = time.perf_counter()
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     for key, ident, name, namespace, logical, body in records:
         headers = [
             ("id", ident),
@@ -49,9 +51,11 @@ def main() -> None:
         producer.poll(0)
     producer.flush(60)
     elapsed = time.perf_counter() - start
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     if failed:
         sys.exit(f"{len(failed)} deliveries failed, first: {failed[0]}")
-    print(f"{len(records)} {elapsed:.6f}")
+    print(f"{len(records)} {elapsed:.6f} {cpu:.6f}")
 
 
 if __name__ == "__main__":

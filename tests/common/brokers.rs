@@ -12,6 +12,19 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 /// A free loopback port (bound and released).
+/// CPU seconds (user + system) a process has used so far, from
+/// /proc/PID/stat (`None`: this process). On a 2-core machine shared with
+/// the broker, client and broker CPU per message say what bounds a rate.
+pub fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let path = pid.map_or("/proc/self/stat".to_string(), |p| format!("/proc/{p}/stat"));
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 of the line; 12 and 13 after the `)`.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -84,6 +97,11 @@ impl Tansu {
     }
 
     /// `HOST:PORT` for clients.
+    /// The broker's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn bootstrap(&self) -> String {
         format!("127.0.0.1:{}", self.advertised)
     }
