@@ -96,11 +96,12 @@ impl Tansu {
         t
     }
 
-    /// `HOST:PORT` for clients.
     /// The broker's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
+
+    /// `HOST:PORT` for clients.
 
     pub fn bootstrap(&self) -> String {
         format!("127.0.0.1:{}", self.advertised)
