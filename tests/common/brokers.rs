@@ -102,7 +102,6 @@ impl Tansu {
     }
 
     /// `HOST:PORT` for clients.
-
     pub fn bootstrap(&self) -> String {
         format!("127.0.0.1:{}", self.advertised)
     }
