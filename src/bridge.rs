@@ -10,11 +10,12 @@ use evbridge_sinks::Sink;
 use tracing::{info, warn};
 
 use crate::admin::{self, Admin};
+use crate::broker_source::{self, BrokerSource};
 use crate::health::{self, Health};
 use crate::normalize::{Normalizer, Topics};
 use crate::pipeline::{Limits, Pipeline};
 use crate::shutdown::{self, Shutdown};
-use crate::source::{Source, SourceConfig, SourceError, connect};
+use crate::source::{Source, SourceConfig, SourceError, Upstream, connect};
 use crate::telemetry;
 
 /// Everything the bridge needs besides its sinks.
@@ -78,7 +79,21 @@ pub async fn run(
     sinks: Vec<Arc<dyn Sink>>,
     shutdown: Shutdown,
 ) -> Result<Summary, SourceError> {
-    let channels = connect(&cfg.source)?;
+    // A broker URL (kafka://, amqp://) makes a broker the source;
+    // anything else is an EngFlow cluster.
+    enum Origin {
+        Broker(Arc<dyn evbridge_sinks::Inbound>),
+        EngFlow(crate::source::Channels),
+    }
+    let origin = if broker_source::is_broker_url(&cfg.source.endpoint) {
+        Origin::Broker(
+            evbridge_sinks::open_inbound(&cfg.source.endpoint)
+                .await
+                .map_err(|e| SourceError::Config(e.to_string()))?,
+        )
+    } else {
+        Origin::EngFlow(connect(&cfg.source)?)
+    };
     // The recorder must exist before the pipeline and source make their
     // metric handles; the listener is bound now so a taken port is a
     // clear error at start.
@@ -94,12 +109,27 @@ pub async fn run(
     };
     let (pipeline, workers) =
         Pipeline::start_with_dead_letter(sinks, cfg.dead_letter.clone(), cfg.limits);
-    let source = Source::new(
-        cfg.source,
-        channels,
-        Normalizer::new(cfg.topics),
-        pipeline.clone(),
-    );
+    type Running = std::pin::Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>>;
+    let (source, running): (Arc<dyn Upstream>, Running) = match origin {
+        Origin::Broker(inbound) => {
+            let s = BrokerSource::new(
+                inbound,
+                pipeline.clone(),
+                broker_source::name_filter(&cfg.source.endpoint),
+                cfg.source.shutdown_grace,
+            );
+            (s.clone(), Box::pin(async move { s.run(shutdown).await }))
+        }
+        Origin::EngFlow(channels) => {
+            let s = Source::new(
+                cfg.source,
+                channels,
+                Normalizer::new(cfg.topics),
+                pipeline.clone(),
+            );
+            (s.clone(), Box::pin(async move { s.run(shutdown).await }))
+        }
+    };
     // Helpers live until the bridge has drained, not just until the
     // shutdown asks it to.
     let (helpers_done, helpers) = shutdown::channel();
@@ -121,7 +151,7 @@ pub async fn run(
     if let Some((handle, listener)) = admin {
         let refresh = {
             let (p, s) = (pipeline.clone(), source.clone());
-            Arc::new(move || telemetry::refresh_gauges(&p, &s))
+            Arc::new(move || telemetry::refresh_gauges(&p, s.as_ref()))
         };
         let health = Arc::new(Health {
             source: source.clone(),
@@ -141,7 +171,7 @@ pub async fn run(
         ));
     }
     info!("bridge running");
-    let result = source.run(shutdown).await;
+    let result = running.await;
 
     let s = source.stats();
     let p = pipeline.stats();

@@ -14,7 +14,7 @@ use evbridge_sinks::Sink;
 use metrics::{Counter, Gauge, Histogram};
 
 use crate::shutdown::Shutdown;
-use crate::source::Source;
+use crate::source::Upstream;
 use crate::telemetry as t;
 
 /// One sink's health and its metric handles (labelled with the sink's
@@ -105,7 +105,7 @@ fn labels_with(base: &[(&'static str, String); 2], class: &str) -> [(&'static st
 /// Everything readiness depends on.
 pub struct Health {
     /// The source; up while a Pull stream is open.
-    pub source: Arc<Source>,
+    pub source: Arc<dyn Upstream>,
     /// Every sink, the dead-letter sink included.
     pub sinks: Vec<Arc<SinkState>>,
 }
@@ -115,7 +115,7 @@ impl Health {
     pub fn readiness(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
         if self.source.open_streams() == 0 {
-            problems.push("source: no Pull stream open".to_string());
+            problems.push(format!("source: {}", self.source.down_reason()));
         }
         for s in &self.sinks {
             if let Some(p) = s.problem() {

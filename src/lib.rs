@@ -6,6 +6,7 @@
 //! # Layout
 //! - `cli`: flags (with EngFlow's example-client aliases), `sim`, `demo`.
 //! - `bridge`: `run(config, sinks, shutdown)`, the whole bridge in-process.
+//! - `broker_source`: a Kafka topic or RabbitMQ queue as the source.
 //! - `source`: Pull streams, acknowledgements, GetInvocation with resume.
 //! - `normalize`: notifications and build events → envelopes (pure).
 //! - `ingest`: records read from a broker (AccelByte events, evbridge
@@ -26,6 +27,7 @@
 
 pub mod admin;
 pub mod bridge;
+pub mod broker_source;
 pub mod cli;
 pub mod config;
 pub mod health;

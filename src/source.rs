@@ -266,6 +266,34 @@ fn chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// What health checks, metrics and the stats line need from any source
+/// (EngFlow's queue or a broker).
+pub trait Upstream: Send + Sync {
+    /// Its counters.
+    fn stats(&self) -> &SourceStats;
+    /// Streams (Pull streams, broker subscriptions) receiving now.
+    fn open_streams(&self) -> usize;
+    /// Messages received and not yet acknowledged or given up.
+    fn in_progress(&self) -> usize;
+    /// Why it is not ready, when it has no open stream.
+    fn down_reason(&self) -> String;
+}
+
+impl Upstream for Source {
+    fn stats(&self) -> &SourceStats {
+        Source::stats(self)
+    }
+    fn open_streams(&self) -> usize {
+        Source::open_streams(self)
+    }
+    fn in_progress(&self) -> usize {
+        Source::in_progress(self)
+    }
+    fn down_reason(&self) -> String {
+        "no Pull stream open".into()
+    }
+}
+
 /// Counters of the source.
 #[derive(Debug, Default)]
 pub struct SourceStats {

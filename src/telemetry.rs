@@ -14,7 +14,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::pipeline::Pipeline;
 use crate::shutdown::Shutdown;
-use crate::source::Source;
+use crate::source::Upstream;
 
 /// Notifications received from the queue, repeats included.
 pub const RECEIVED: &str = "evbridge_notifications_received_total";
@@ -136,7 +136,7 @@ fn describe() {
 
 /// Sets the gauges that are read off the pipeline and source rather than
 /// kept up to date on every change.
-pub fn refresh_gauges(pipeline: &Pipeline, source: &Source) {
+pub fn refresh_gauges(pipeline: &Pipeline, source: &dyn Upstream) {
     metrics::gauge!(IN_FLIGHT).set(pipeline.in_flight() as f64);
     metrics::gauge!(IN_PROGRESS).set(source.in_progress() as f64);
     metrics::gauge!(SOURCE_UP).set(source.open_streams() as f64);
@@ -149,11 +149,11 @@ pub fn refresh_gauges(pipeline: &Pipeline, source: &Source) {
 /// yet acknowledged).
 pub async fn stats_line(
     pipeline: std::sync::Arc<Pipeline>,
-    source: std::sync::Arc<Source>,
+    source: std::sync::Arc<dyn Upstream>,
     every: Duration,
     mut shutdown: Shutdown,
 ) {
-    let snapshot = |p: &Pipeline, s: &Source| {
+    let snapshot = |p: &Pipeline, s: &dyn Upstream| {
         (
             s.stats().received.load(Ordering::Relaxed),
             s.stats().events.load(Ordering::Relaxed),
@@ -161,13 +161,13 @@ pub async fn stats_line(
             s.stats().acks_sent.load(Ordering::Relaxed),
         )
     };
-    let mut last = (snapshot(&pipeline, &source), Instant::now());
+    let mut last = (snapshot(&pipeline, source.as_ref()), Instant::now());
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.wait() => return,
         }
-        let now = (snapshot(&pipeline, &source), Instant::now());
+        let now = (snapshot(&pipeline, source.as_ref()), Instant::now());
         let secs = now.1.duration_since(last.1).as_secs_f64().max(1e-9);
         let rate = |a: u64, b: u64| (a - b) as f64 / secs;
         let ((n, e, c, a), (n0, e0, c0, a0)) = (now.0, last.0);

@@ -39,7 +39,7 @@ const ACCEPTED: &[&str] = &[
     "ca",
 ];
 /// Query options lapin itself understands; passed through.
-const LAPIN_OPTIONS: &[&str] = &[
+pub(crate) const LAPIN_OPTIONS: &[&str] = &[
     "heartbeat",
     "channel_max",
     "frame_max",
@@ -48,7 +48,7 @@ const LAPIN_OPTIONS: &[&str] = &[
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Declare {
+pub(crate) enum Declare {
     /// Declare the exchange (durable) if it is missing.
     Create,
     /// Check that it exists; fail clearly if not.
@@ -59,10 +59,7 @@ enum Declare {
 
 /// Publishes envelopes to an AMQP 0-9-1 exchange.
 pub struct AmqpSink {
-    /// Full URI for lapin, credentials included: never shown.
-    uri: String,
-    ca: Option<String>,
-    vhost: String,
+    endpoint: Endpoint,
     exchange: String,
     kind: ExchangeKind,
     declare: Declare,
@@ -89,7 +86,7 @@ impl std::fmt::Debug for AmqpSink {
 
 /// Characters a routing-key value keeps; `.`, `*` and `#` would change
 /// what topic bindings match, so they (and anything odd) become `_`.
-fn routing_char(c: char) -> bool {
+pub(crate) fn routing_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ':' | '@' | '/' | '+' | '=')
 }
 
@@ -115,6 +112,45 @@ pub fn open(url: &Url) -> Result<AmqpSink, OpenError> {
             .unwrap_or_else(|| "{namespace}.{name}".into()),
     )
     .map_err(|e| fail(&opts, e))?;
+    let (kind, declare) = exchange_options(&mut opts)?;
+    let persistent = opts.flag("persistent")?.unwrap_or(true);
+    let mandatory = opts.flag("mandatory")?.unwrap_or(true);
+    let headers = opts.flag("headers")?.unwrap_or(true);
+    let content_type = opts
+        .take("content_type")
+        .unwrap_or_else(|| "application/json".into());
+    let confirm_timeout: f64 = opts
+        .parse("confirm_timeout", "a number of seconds")?
+        .unwrap_or(30.0);
+    if !(confirm_timeout > 0.0 && confirm_timeout.is_finite()) {
+        return Err(fail(
+            &opts,
+            format!("option `confirm_timeout={confirm_timeout}` must be positive"),
+        ));
+    }
+    let link = endpoint(url, &mut opts).map_err(|e| fail(&opts, e))?;
+    let shown = opts.shown_url().to_string();
+    let accepted: Vec<&str> = ACCEPTED.iter().chain(LAPIN_OPTIONS).copied().collect();
+    opts.finish(&accepted)?;
+    Ok(AmqpSink {
+        endpoint: link,
+        exchange,
+        kind,
+        declare,
+        routing_key,
+        persistent,
+        mandatory,
+        content_type,
+        headers,
+        confirm_timeout: Duration::from_secs_f64(confirm_timeout),
+        link: Mutex::new(None),
+        idle: std::sync::Mutex::new(Vec::new()),
+        shown,
+    })
+}
+
+/// `exchange_type=` and `declare=`, shared with the AMQP source.
+pub(crate) fn exchange_options(opts: &mut Options) -> Result<(ExchangeKind, Declare), OpenError> {
     let kind = match opts
         .choice("exchange_type", &["topic", "direct", "fanout", "headers"])?
         .as_deref()
@@ -132,40 +168,83 @@ pub fn open(url: &Url) -> Result<AmqpSink, OpenError> {
         Some("false") => Declare::Skip,
         _ => Declare::Passive,
     };
-    let persistent = opts.flag("persistent")?.unwrap_or(true);
-    let mandatory = opts.flag("mandatory")?.unwrap_or(true);
-    let headers = opts.flag("headers")?.unwrap_or(true);
-    let content_type = opts
-        .take("content_type")
-        .unwrap_or_else(|| "application/json".into());
-    let confirm_timeout: f64 = opts
-        .parse("confirm_timeout", "a number of seconds")?
-        .unwrap_or(30.0);
-    if !(confirm_timeout > 0.0 && confirm_timeout.is_finite()) {
-        return Err(fail(
-            &opts,
-            format!("option `confirm_timeout={confirm_timeout}` must be positive"),
-        ));
+    Ok((kind, declare))
+}
+
+/// Declares the exchange (durable), checks it exists, or does nothing,
+/// as `declare` says.
+pub(crate) async fn declare_exchange(
+    ch: &Channel,
+    exchange: &str,
+    kind: &ExchangeKind,
+    declare: Declare,
+) -> Result<(), lapin::Error> {
+    if declare == Declare::Skip {
+        return Ok(());
     }
+    let options = ExchangeDeclareOptions {
+        passive: declare == Declare::Passive,
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    ch.exchange_declare(
+        exchange.into(),
+        kind.clone(),
+        options,
+        FieldTable::default(),
+    )
+    .await
+}
+
+/// The error for an exchange that cannot be declared or is missing.
+pub(crate) fn exchange_error(
+    exchange: &str,
+    vhost: &str,
+    declare: Declare,
+    e: lapin::Error,
+) -> SinkError {
+    let hint = if declare == Declare::Passive {
+        " (add declare=true to create it)"
+    } else {
+        ""
+    };
+    SinkError::Retryable(format!(
+        "exchange `{exchange}` in vhost `{vhost}` is not usable{hint}: {e}"
+    ))
+}
+
+/// Where and how to connect: shared by the sink and the AMQP source.
+#[derive(Clone)]
+pub(crate) struct Endpoint {
+    /// Full URI for lapin, credentials included: never shown.
+    uri: String,
+    /// PEM of a private CA for amqps.
+    ca: Option<String>,
+    /// The vhost, decoded, for messages.
+    pub(crate) vhost: String,
+}
+
+/// Takes `ca=` and lapin's own options from `opts` and builds the URI
+/// lapin connects to (everything else of ours stripped). The caller adds
+/// [`LAPIN_OPTIONS`] to its accepted list.
+pub(crate) fn endpoint(url: &Url, opts: &mut Options) -> Result<Endpoint, String> {
     let ca = match opts.take("ca") {
         None => None,
         Some(_) if url.scheme() != "amqps" => {
-            return Err(fail(&opts, "option `ca` needs an amqps:// URL".into()));
+            return Err("option `ca` needs an amqps:// URL".into());
         }
         Some(path) => Some(
             std::fs::read_to_string(&path)
-                .map_err(|e| fail(&opts, format!("cannot read option `ca={path}`: {e}")))?,
+                .map_err(|e| format!("cannot read option `ca={path}`: {e}"))?,
         ),
     };
-    // What is left must be lapin's own options; pass those through.
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("no host".into());
+    }
     let passthrough: Vec<(String, String)> = LAPIN_OPTIONS
         .iter()
         .filter_map(|k| opts.take(k).map(|v| (k.to_string(), v)))
         .collect();
-    let shown = opts.shown_url().to_string();
-    let accepted: Vec<&str> = ACCEPTED.iter().chain(LAPIN_OPTIONS).copied().collect();
-    opts.finish(&accepted)?;
-
     let mut lapin_url = url.clone();
     lapin_url.set_query(None);
     if !passthrough.is_empty() {
@@ -178,23 +257,54 @@ pub fn open(url: &Url) -> Result<AmqpSink, OpenError> {
             .map(|(_, v)| v.into_owned())
             .unwrap_or_default(),
     };
-    Ok(AmqpSink {
+    Ok(Endpoint {
         uri: lapin_url.to_string(),
         ca,
         vhost,
-        exchange,
-        kind,
-        declare,
-        routing_key,
-        persistent,
-        mandatory,
-        content_type,
-        headers,
-        confirm_timeout: Duration::from_secs_f64(confirm_timeout),
-        link: Mutex::new(None),
-        idle: std::sync::Mutex::new(Vec::new()),
-        shown,
     })
+}
+
+impl Endpoint {
+    /// Connects (TLS with the private CA when one was given), giving up
+    /// after 15 s so a hung broker is an error, not a wait forever.
+    pub(crate) async fn connect(&self) -> Result<Connection, SinkError> {
+        self.connect_classified().await.map_err(|(_, e)| e)
+    }
+
+    /// [`Self::connect`], also telling whether the broker refused us for
+    /// good (bad credentials, vhost not allowed) rather than being away.
+    pub(crate) async fn connect_classified(&self) -> Result<Connection, (bool, SinkError)> {
+        let connecting = async {
+            let props = ConnectionProperties::default();
+            match &self.ca {
+                None => Connection::connect(&self.uri, props).await,
+                Some(pem) => {
+                    let tls = lapin::tcp::OwnedTLSConfig {
+                        identity: None,
+                        cert_chain: Some(pem.clone()),
+                    };
+                    let runtime = lapin::runtime::default_runtime()?;
+                    Connection::connect_with_config(&self.uri, props, tls, runtime).await
+                }
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(15), connecting).await {
+            Err(_) => Err((
+                false,
+                SinkError::Retryable("connecting to the AMQP broker timed out".into()),
+            )),
+            Ok(Err(e)) => Err((refused(&e), retryable("connecting to the AMQP broker", e))),
+            Ok(Ok(conn)) => Ok(conn),
+        }
+    }
+}
+
+/// Whether the broker answered with a refusal that retrying cannot cure:
+/// access refused (403), not found (404), precondition failed (406),
+/// not allowed (530).
+pub(crate) fn refused(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp)
+        if matches!(amqp.get_id(), 403 | 404 | 406 | 530))
 }
 
 async fn open_channel(conn: &Connection) -> Result<Channel, SinkError> {
@@ -210,7 +320,7 @@ async fn open_channel(conn: &Connection) -> Result<Channel, SinkError> {
 
 /// lapin errors carry the broker's reply text but never the URI, so they
 /// are safe to show.
-fn retryable(what: &str, e: impl std::fmt::Display) -> SinkError {
+pub(crate) fn retryable(what: &str, e: impl std::fmt::Display) -> SinkError {
     SinkError::Retryable(format!("{what}: {e}"))
 }
 
@@ -234,50 +344,11 @@ impl AmqpSink {
             return open_channel(conn).await;
         }
         *link = None;
-        let connecting = async {
-            let props = ConnectionProperties::default();
-            match &self.ca {
-                None => Connection::connect(&self.uri, props).await,
-                Some(pem) => {
-                    let tls = lapin::tcp::OwnedTLSConfig {
-                        identity: None,
-                        cert_chain: Some(pem.clone()),
-                    };
-                    let runtime = lapin::runtime::default_runtime()?;
-                    Connection::connect_with_config(&self.uri, props, tls, runtime).await
-                }
-            }
-        };
-        let conn = tokio::time::timeout(Duration::from_secs(15), connecting)
-            .await
-            .map_err(|_| SinkError::Retryable("connecting to the AMQP broker timed out".into()))?
-            .map_err(|e| retryable("connecting to the AMQP broker", e))?;
+        let conn = self.endpoint.connect().await?;
         let ch = open_channel(&conn).await?;
-        if self.declare != Declare::Skip {
-            let options = ExchangeDeclareOptions {
-                passive: self.declare == Declare::Passive,
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            };
-            ch.exchange_declare(
-                self.exchange.as_str().into(),
-                self.kind.clone(),
-                options,
-                FieldTable::default(),
-            )
+        declare_exchange(&ch, &self.exchange, &self.kind, self.declare)
             .await
-            .map_err(|e| {
-                let hint = if self.declare == Declare::Passive {
-                    " (add declare=true to create it)"
-                } else {
-                    ""
-                };
-                SinkError::Retryable(format!(
-                    "exchange `{}` in vhost `{}` is not usable{hint}: {e}",
-                    self.exchange, self.vhost
-                ))
-            })?;
-        }
+            .map_err(|e| exchange_error(&self.exchange, &self.endpoint.vhost, self.declare, e))?;
         *link = Some(conn);
         Ok(ch)
     }
@@ -481,18 +552,18 @@ mod tests {
     #[test]
     fn url_forms() {
         let s = parse("amqp://guest:hunter2@127.0.0.1:5672/%2f?exchange=ev&heartbeat=10").unwrap();
-        assert_eq!(s.vhost, "/");
+        assert_eq!(s.endpoint.vhost, "/");
         assert_eq!(s.exchange, "ev");
         assert!(
-            s.uri.contains("heartbeat=10") && !s.uri.contains("exchange="),
+            s.endpoint.uri.contains("heartbeat=10") && !s.endpoint.uri.contains("exchange="),
             "{}",
-            s.uri
+            s.endpoint.uri
         );
         assert!(!s.describe().contains("hunter2"));
         assert_eq!(s.declare, Declare::Passive);
         assert!(s.persistent && s.mandatory && s.headers);
         let s = parse("amqp://u:p@h/ci?exchange=e&routing_key={topic}.{name}&exchange_type=fanout&declare=true&persistent=false&mandatory=false&confirm_timeout=2.5").unwrap();
-        assert_eq!(s.vhost, "ci");
+        assert_eq!(s.endpoint.vhost, "ci");
         assert_eq!(s.declare, Declare::Create);
         assert_eq!(s.kind, ExchangeKind::Fanout);
         assert!(!s.persistent && !s.mandatory);

@@ -188,6 +188,67 @@ fn needs_escape(word: u64) -> bool {
         != 0
 }
 
+/// Appends `seconds` + `nanos` since the epoch as RFC 3339 UTC with 0, 3,
+/// 6 or 9 fractional digits (as protobuf's JSON writes timestamps) and
+/// returns true; returns false, writing nothing, outside years 0001–9999
+/// or with `nanos` ≥ 10⁹.
+pub fn push_rfc3339(out: &mut String, seconds: i64, nanos: u32) -> bool {
+    const MIN: i64 = -62_135_596_800; // 0001-01-01T00:00:00Z
+    const MAX: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    if !(MIN..=MAX).contains(&seconds) || nanos >= 1_000_000_000 {
+        return false;
+    }
+    let days = seconds.div_euclid(86_400);
+    let secs = seconds.rem_euclid(86_400);
+    // Days to civil date (H. Hinnant's algorithm, proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    // All in range: four-digit year, two-digit fields.
+    let field = |v: i64| v as u32;
+    push_digits(out, field(year), 4);
+    out.push('-');
+    push_digits(out, field(month), 2);
+    out.push('-');
+    push_digits(out, field(day), 2);
+    out.push('T');
+    push_digits(out, field(secs / 3600), 2);
+    out.push(':');
+    push_digits(out, field(secs / 60 % 60), 2);
+    out.push(':');
+    push_digits(out, field(secs % 60), 2);
+    if nanos == 0 {
+    } else if nanos % 1_000_000 == 0 {
+        out.push('.');
+        push_digits(out, nanos / 1_000_000, 3);
+    } else if nanos % 1_000 == 0 {
+        out.push('.');
+        push_digits(out, nanos / 1_000, 6);
+    } else {
+        out.push('.');
+        push_digits(out, nanos, 9);
+    }
+    out.push('Z');
+    true
+}
+
+/// `value`'s last `width` (at most 9) decimal digits, zero-padded.
+fn push_digits(out: &mut String, mut value: u32, width: usize) {
+    let mut buf = [b'0'; 9];
+    let digits = &mut buf[..width.min(9)];
+    for slot in digits.iter_mut().rev() {
+        *slot = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
+    out.push_str(std::str::from_utf8(digits).unwrap_or_default());
+}
+
 /// An [`Event`] with its JSON encoded once, so fan-out to several sinks
 /// shares the same bytes instead of serializing per sink.
 #[derive(Debug, Clone)]

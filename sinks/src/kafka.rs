@@ -65,7 +65,7 @@ impl std::fmt::Debug for KafkaSink {
     }
 }
 
-fn topic_char(c: char) -> bool {
+pub(crate) fn topic_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
 }
 
@@ -74,7 +74,7 @@ fn topic_char(c: char) -> bool {
 /// User and password, brokers, topic, query.
 type Parts = (Option<(String, String)>, Vec<String>, String, String);
 
-fn split(raw: &str) -> Result<Parts, String> {
+pub(crate) fn split(raw: &str) -> Result<Parts, String> {
     let rest = raw
         .strip_prefix("kafka://")
         .ok_or("expected kafka://HOST:PORT[,HOST:PORT...]/TOPIC")?;
@@ -196,7 +196,38 @@ pub fn open(raw: &str) -> Result<KafkaSink, OpenError> {
         // wait librdkafka's default five minutes with a broker down.
         .set("message.timeout.ms", "30000")
         .set("linger.ms", "5");
-    if let Some((user, pass)) = &credentials {
+    let secrets = connection(&mut config, credentials.as_ref(), &mut opts);
+    opts.finish(ACCEPTED)?;
+    let producer = create(&config).map_err(|e| {
+        let fail = |reason: String| OpenError::Invalid {
+            url: shown.clone(),
+            reason,
+        };
+        fail(format!(
+            "librdkafka refused the configuration: {}",
+            masked(&e, &secrets)
+        ))
+    })?;
+    Ok(KafkaSink {
+        idempotent: config.get("enable.idempotence") == Some("true"),
+        config,
+        producer: RwLock::new(Arc::new(producer)),
+        topic,
+        prefix,
+        key,
+        shown,
+    })
+}
+
+/// The settings a producer and a consumer share: SASL credentials from the
+/// URL, then every `rdkafka.<property>` (last, so they win). Returns the
+/// secret values, to be masked in librdkafka's errors.
+pub(crate) fn connection(
+    config: &mut ClientConfig,
+    credentials: Option<&(String, String)>,
+    opts: &mut Options,
+) -> Vec<String> {
+    if let Some((user, pass)) = credentials {
         config
             .set("security.protocol", "sasl_plaintext")
             .set("sasl.mechanism", "PLAIN")
@@ -210,27 +241,16 @@ pub fn open(raw: &str) -> Result<KafkaSink, OpenError> {
         }
         config.set(k, v);
     }
-    opts.finish(ACCEPTED)?;
-    let producer = create(&config).map_err(|e| {
-        let fail = |reason: String| OpenError::Invalid {
-            url: shown.clone(),
-            reason,
-        };
-        let mut msg = e.to_string();
-        for s in secrets.iter().filter(|s| !s.is_empty()) {
-            msg = msg.replace(s.as_str(), "***");
-        }
-        fail(format!("librdkafka refused the configuration: {msg}"))
-    })?;
-    Ok(KafkaSink {
-        idempotent: config.get("enable.idempotence") == Some("true"),
-        config,
-        producer: RwLock::new(Arc::new(producer)),
-        topic,
-        prefix,
-        key,
-        shown,
-    })
+    secrets
+}
+
+/// librdkafka's error with every secret masked.
+pub(crate) fn masked(e: &KafkaError, secrets: &[String]) -> String {
+    let mut msg = e.to_string();
+    for s in secrets.iter().filter(|s| !s.is_empty()) {
+        msg = msg.replace(s.as_str(), "***");
+    }
+    msg
 }
 
 fn create(config: &ClientConfig) -> Result<FutureProducer, KafkaError> {

@@ -15,6 +15,10 @@
 //! - `grpc` (feature `grpc`): `grpc://`/`grpcs://`, EngFlow's Forwarding
 //!   demo API.
 //! - `kafka` (feature `kafka`): `kafka://`, librdkafka with delivery reports.
+//! - `inbound`: brokers as sources, the [`Inbound`] trait and
+//!   [`open_inbound`]; `kafka_in` (consumer group, offsets committed only
+//!   when contiguous) and `amqp_in` (queue bound to an exchange, acks after
+//!   delivery) implement it.
 //! - `template`: `{namespace}.{name}`-style names for topics and keys.
 //!
 //! Each sink with a heavy dependency sits behind a cargo feature of its own.
@@ -26,22 +30,28 @@ use async_trait::async_trait;
 
 #[cfg(feature = "amqp")]
 mod amqp;
+#[cfg(feature = "amqp")]
+mod amqp_in;
 mod blackhole;
 mod envelope;
 mod error;
 #[cfg(feature = "grpc")]
 mod grpc;
+mod inbound;
 #[cfg(feature = "kafka")]
 mod kafka;
+#[cfg(feature = "kafka")]
+mod kafka_in;
 mod options;
 mod stdout;
 mod template;
 
 pub use blackhole::Blackhole;
-pub use envelope::{Envelope, Event, Payload, push_json_str};
+pub use envelope::{Envelope, Event, Payload, push_json_str, push_rfc3339};
 pub use error::{BatchError, OpenError, SinkError};
 #[cfg(feature = "grpc")]
 pub use grpc::{EngFlowRequest, EngFlowResponse};
+pub use inbound::{ACCEPTED_SOURCES, Ack, Delivery, Inbound, open_inbound};
 pub use options::{Options, redact};
 pub use stdout::{Format, WriterSink};
 pub use template::{PLACEHOLDERS, Template};

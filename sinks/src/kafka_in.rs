@@ -1,0 +1,352 @@
+//! `kafka://HOST:PORT[,…]/TOPIC?group=G&prefix=P&offset=earliest|latest`
+//! as a source: a consumer in group `P.G` (AccelByte's convention) reading
+//! `P.TOPIC`, committing an offset only when every record before it was
+//! acknowledged, so nothing is skipped however acknowledgements interleave.
+//!
+//! Offsets are stored (librdkafka's `offset_store`) as acknowledgements
+//! make them contiguous, and committed by librdkafka's auto-commit, on a
+//! rebalance and on close. A rebalance forgets the partitions it takes
+//! away: records of theirs still in flight are not committed here and the
+//! new owner reads them again (at least once).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, ClientContext};
+
+use crate::inbound::{Ack, Delivery, Inbound};
+use crate::kafka::{connection, masked, split, topic_char};
+use crate::{OpenError, Options, SinkError};
+
+const ACCEPTED: &[&str] = &[
+    "group",
+    "prefix",
+    "offset",
+    "name",
+    "rdkafka.<librdkafka property>",
+];
+
+/// Progress of one partition in this assignment.
+#[derive(Debug, Default)]
+struct Partition {
+    /// Assignment generation the state belongs to.
+    generation: u64,
+    /// Offsets handed out and not yet acknowledged.
+    open: BTreeSet<i64>,
+    /// One past the highest offset handed out.
+    next: i64,
+}
+
+/// Offsets per (topic, partition), shared with the rebalance callback.
+#[derive(Debug, Default)]
+struct Offsets {
+    parts: Mutex<HashMap<(String, i32), Partition>>,
+    generation: AtomicU64,
+}
+
+impl Offsets {
+    /// Notes a record handed out; returns the generation to ack under.
+    fn open(&self, topic: &str, partition: i32, offset: i64) -> u64 {
+        let generation = self.generation.load(Ordering::Acquire);
+        let mut parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
+        let p = parts.entry((topic.to_string(), partition)).or_default();
+        if p.generation != generation {
+            *p = Partition {
+                generation,
+                ..Partition::default()
+            };
+        }
+        p.open.insert(offset);
+        p.next = p.next.max(offset + 1);
+        generation
+    }
+
+    /// Marks a record done; returns the last offset now safe to commit
+    /// (everything up to it is done), if that moved.
+    fn done(&self, topic: &str, partition: i32, offset: i64, generation: u64) -> Option<i64> {
+        let mut parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
+        let p = parts.get_mut(&(topic.to_string(), partition))?;
+        if p.generation != generation || !p.open.remove(&offset) {
+            return None;
+        }
+        let safe = p.open.first().copied().unwrap_or(p.next);
+        (safe > offset || p.open.is_empty()).then_some(safe - 1)
+    }
+
+    /// A rebalance: everything in flight belongs to the old assignment.
+    fn forget(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.parts.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+struct Context {
+    offsets: Arc<Offsets>,
+    assigned: AtomicBool,
+    shown: String,
+}
+
+impl ClientContext for Context {}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            tracing::info!(source = %self.shown, partitions = tpl.count(), "partitions revoked");
+            self.assigned.store(false, Ordering::Release);
+            self.offsets.forget();
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                tracing::info!(source = %self.shown, partitions = tpl.count(), "partitions assigned");
+                self.offsets.forget();
+                self.assigned.store(tpl.count() > 0, Ordering::Release);
+            }
+            Rebalance::Error(e) => {
+                tracing::warn!(source = %self.shown, error = %e, "rebalance failed")
+            }
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+/// Consumes one topic in a consumer group.
+pub struct KafkaIn {
+    consumer: Arc<StreamConsumer<Context>>,
+    offsets: Arc<Offsets>,
+    topic: String,
+    secrets: Vec<String>,
+    shown: String,
+}
+
+impl std::fmt::Debug for KafkaIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaIn").field("url", &self.shown).finish()
+    }
+}
+
+/// Parses a `kafka://` source URL and subscribes (librdkafka connects and
+/// joins the group in the background).
+pub fn open(raw: &str) -> Result<KafkaIn, OpenError> {
+    let shown = crate::redact(raw);
+    let invalid = |reason: String| OpenError::Invalid {
+        url: shown.clone(),
+        reason: format!(
+            "{reason}; accepted form: kafka://HOST:PORT[,HOST:PORT...]/TOPIC?group=G[&{}]",
+            ACCEPTED[1..].join("&")
+        ),
+    };
+    let (credentials, brokers, topic, query) = split(raw).map_err(&invalid)?;
+    if topic.is_empty() || !topic.chars().all(topic_char) {
+        return Err(invalid(format!("`{topic}` is not a topic to read")));
+    }
+    let query_url =
+        url::Url::parse(&format!("kafka://x/?{query}")).map_err(|e| invalid(e.to_string()))?;
+    let mut opts = Options::new(&query_url)?;
+    let group = opts.take("group").unwrap_or_else(|| "evbridge".into());
+    let prefix = opts.take("prefix");
+    for (what, v) in [("group", Some(&group)), ("prefix", prefix.as_ref())] {
+        if let Some(v) = v
+            && (v.is_empty() || !v.chars().all(topic_char))
+        {
+            return Err(invalid(format!("option `{what}={v}` is not a valid name")));
+        }
+    }
+    let offset = opts
+        .choice("offset", &["earliest", "latest"])?
+        .unwrap_or_else(|| "earliest".into());
+    // The name filter is the bridge's (it needs the envelope); accept it here.
+    let _ = opts.take("name");
+    let (topic, group) = match &prefix {
+        Some(p) => (format!("{p}.{topic}"), format!("{p}.{group}")),
+        None => (topic, group),
+    };
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers.join(","))
+        .set("client.id", "evbridge")
+        .set("group.id", &group)
+        .set("auto.offset.reset", &offset)
+        // Offsets are stored only once a record is delivered everywhere;
+        // librdkafka commits what is stored.
+        .set("enable.auto.offset.store", "false")
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000");
+    let secrets = connection(&mut config, credentials.as_ref(), &mut opts);
+    opts.finish(ACCEPTED)?;
+    let offsets = Arc::new(Offsets::default());
+    let context = Context {
+        offsets: offsets.clone(),
+        assigned: AtomicBool::new(false),
+        shown: shown.clone(),
+    };
+    let consumer: StreamConsumer<Context> =
+        config
+            .create_with_context(context)
+            .map_err(|e| OpenError::Invalid {
+                url: shown.clone(),
+                reason: format!(
+                    "librdkafka refused the configuration: {}",
+                    masked(&e, &secrets)
+                ),
+            })?;
+    consumer
+        .subscribe(&[&topic])
+        .map_err(|e| OpenError::Invalid {
+            url: shown.clone(),
+            reason: format!("cannot subscribe to `{topic}`: {}", masked(&e, &secrets)),
+        })?;
+    Ok(KafkaIn {
+        consumer: Arc::new(consumer),
+        offsets,
+        topic,
+        secrets,
+        shown,
+    })
+}
+
+struct KafkaAck {
+    consumer: Arc<StreamConsumer<Context>>,
+    offsets: Arc<Offsets>,
+    topic: String,
+    partition: i32,
+    offset: i64,
+    generation: u64,
+}
+
+#[async_trait]
+impl Ack for KafkaAck {
+    async fn ack(self: Box<Self>) {
+        let Some(last) =
+            self.offsets
+                .done(&self.topic, self.partition, self.offset, self.generation)
+        else {
+            return;
+        };
+        // Fails only when the partition was revoked meanwhile: the new
+        // owner reads from the last commit, nothing is lost.
+        if let Err(e) = self
+            .consumer
+            .store_offset(&self.topic, self.partition, last)
+        {
+            tracing::debug!(topic = %self.topic, partition = self.partition, error = %e, "offset not stored");
+        }
+    }
+}
+
+#[async_trait]
+impl Inbound for KafkaIn {
+    fn describe(&self) -> &str {
+        &self.shown
+    }
+
+    async fn next(&self) -> Result<Delivery, SinkError> {
+        loop {
+            let msg = match self.consumer.recv().await {
+                Ok(m) => m,
+                Err(e) => {
+                    // librdkafka reconnects by itself; report and go on.
+                    tracing::warn!(source = %self.shown, error = %masked(&e, &self.secrets), "Kafka consumer error");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let (topic, partition, offset) =
+                (msg.topic().to_string(), msg.partition(), msg.offset());
+            let generation = self.offsets.open(&topic, partition, offset);
+            let mut attributes = std::collections::BTreeMap::from([
+                ("kafka_topic".to_string(), topic.clone()),
+                ("kafka_partition".to_string(), partition.to_string()),
+                ("kafka_offset".to_string(), offset.to_string()),
+            ]);
+            if let Some(headers) = msg.headers() {
+                for h in headers.iter() {
+                    if let Some(v) = h.value.and_then(|v| std::str::from_utf8(v).ok()) {
+                        attributes
+                            .entry(format!("kafka_header_{}", h.key))
+                            .or_insert_with(|| v.to_string());
+                    }
+                }
+            }
+            let timestamp = msg.timestamp().to_millis().and_then(rfc3339_millis);
+            return Ok(Delivery {
+                body: msg.payload().unwrap_or_default().to_vec(),
+                key: msg.key().map(<[u8]>::to_vec),
+                origin: format!("kafka:{topic}/{partition}/{offset}"),
+                topic: self.topic.clone(),
+                timestamp,
+                attributes,
+                ack: Box::new(KafkaAck {
+                    consumer: self.consumer.clone(),
+                    offsets: self.offsets.clone(),
+                    topic,
+                    partition,
+                    offset,
+                    generation,
+                }),
+            });
+        }
+    }
+
+    fn up(&self) -> bool {
+        self.consumer.context().assigned.load(Ordering::Acquire)
+    }
+
+    async fn close(&self) {
+        let consumer = self.consumer.clone();
+        let shown = self.shown.clone();
+        // A synchronous commit blocks; keep it off the runtime's workers.
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::debug!(source = %shown, error = %e, "final commit");
+            }
+            consumer.unsubscribe();
+        })
+        .await;
+    }
+}
+
+/// Milliseconds since the epoch as RFC 3339 UTC.
+fn rfc3339_millis(ms: i64) -> Option<String> {
+    let mut s = String::with_capacity(24);
+    let nanos = u32::try_from(ms.rem_euclid(1000) * 1_000_000).ok()?;
+    crate::push_rfc3339(&mut s, ms.div_euclid(1000), nanos).then_some(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_only_contiguous_acknowledgements() {
+        let o = Offsets::default();
+        let g = o.open("t", 0, 10);
+        o.open("t", 0, 11);
+        o.open("t", 0, 12);
+        assert_eq!(o.done("t", 0, 11, g), None, "10 is still open");
+        assert_eq!(o.done("t", 0, 10, g), Some(11), "10 and 11 done");
+        assert_eq!(o.done("t", 0, 12, g), Some(12));
+        assert_eq!(o.done("t", 0, 12, g), None, "acked twice");
+        // After a rebalance, old acknowledgements count for nothing.
+        o.open("t", 0, 13);
+        o.forget();
+        assert_eq!(o.done("t", 0, 13, g), None);
+    }
+
+    #[test]
+    fn kafka_timestamps_are_rfc3339() {
+        let t = |ms| rfc3339_millis(ms).unwrap();
+        assert_eq!(t(1_795_564_800_000), "2026-11-25T00:00:00Z");
+        assert_eq!(t(1_795_564_800_250), "2026-11-25T00:00:00.250Z");
+        assert_eq!(t(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339_millis(i64::MAX), None);
+    }
+}

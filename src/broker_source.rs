@@ -1,0 +1,143 @@
+//! A broker (Kafka topic, RabbitMQ queue) as the bridge's source: each
+//! message becomes an envelope ([`crate::ingest`]) and is acknowledged to
+//! its broker only after every sink confirmed it, as EngFlow
+//! notifications are.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use evbridge_sinks::Inbound;
+use tracing::{debug, info, warn};
+
+use crate::ingest::{self, Record};
+use crate::pipeline::Pipeline;
+use crate::shutdown::Shutdown;
+use crate::source::{SourceError, SourceStats, Upstream};
+
+/// Reads a broker and feeds the pipeline.
+pub struct BrokerSource {
+    inbound: Arc<dyn Inbound>,
+    pipeline: Arc<Pipeline>,
+    /// Only envelopes of this name go on; the rest are acknowledged.
+    name: Option<String>,
+    grace: Duration,
+    stats: SourceStats,
+}
+
+impl BrokerSource {
+    /// A source over `inbound`; `name` filters by envelope name.
+    pub fn new(
+        inbound: Arc<dyn Inbound>,
+        pipeline: Arc<Pipeline>,
+        name: Option<String>,
+        grace: Duration,
+    ) -> Arc<Self> {
+        Arc::new(BrokerSource {
+            inbound,
+            pipeline,
+            name,
+            grace,
+            stats: SourceStats::default(),
+        })
+    }
+
+    /// Consumes until `shutdown`, then waits (at most the grace period)
+    /// for what is in flight and commits it.
+    pub async fn run(self: &Arc<Self>, mut shutdown: Shutdown) -> Result<(), SourceError> {
+        info!(source = %self.inbound.describe(), "consuming");
+        let result = loop {
+            let delivery = tokio::select! {
+                d = self.inbound.next() => d,
+                _ = shutdown.wait() => break Ok(()),
+            };
+            let d = match delivery {
+                Ok(d) => d,
+                Err(e) => {
+                    break Err(SourceError::Fatal(format!(
+                        "{}: {e}",
+                        self.inbound.describe()
+                    )));
+                }
+            };
+            self.stats.received.fetch_add(1, Ordering::Relaxed);
+            let out = ingest::envelope(&Record {
+                body: &d.body,
+                key: d.key.as_deref(),
+                origin: d.origin.clone(),
+                topic: &d.topic,
+                timestamp: d.timestamp.clone(),
+                attributes: d.attributes.clone(),
+            });
+            if let Some(problem) = &out.problem {
+                warn!(id = %out.envelope.id, origin = %d.origin, %problem, "record wrapped raw");
+            }
+            if self.name.as_ref().is_some_and(|n| *n != out.envelope.name) {
+                // Not ours to deliver: done with it.
+                d.ack.ack().await;
+                self.stats.acks_sent.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let tracker = self.pipeline.tracker();
+            self.stats.in_progress.fetch_add(1, Ordering::Relaxed);
+            self.pipeline.submit(&tracker, out.envelope).await;
+            let me = self.clone();
+            let origin = d.origin;
+            let ack = d.ack;
+            tokio::spawn(async move {
+                match tracker.finish().await {
+                    Ok(()) => {
+                        ack.ack().await;
+                        me.stats.acks_sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Left unacknowledged: the broker delivers it again.
+                    Err(reasons) => warn!(%origin, ?reasons, "not acknowledged"),
+                }
+                me.stats.in_progress.fetch_sub(1, Ordering::Relaxed);
+            });
+        };
+        let deadline = Instant::now() + self.grace;
+        while self.in_progress() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if self.in_progress() > 0 {
+            warn!(
+                left = self.in_progress(),
+                "shutdown: not all in-flight messages confirmed; they will be redelivered"
+            );
+        }
+        self.inbound.close().await;
+        debug!("broker source closed");
+        result
+    }
+}
+
+impl Upstream for BrokerSource {
+    fn stats(&self) -> &SourceStats {
+        &self.stats
+    }
+    fn open_streams(&self) -> usize {
+        usize::from(self.inbound.up())
+    }
+    fn in_progress(&self) -> usize {
+        self.stats.in_progress.load(Ordering::Relaxed)
+    }
+    fn down_reason(&self) -> String {
+        format!("{} is not consuming", self.inbound.describe())
+    }
+}
+
+/// Whether a source URL names a broker rather than an EngFlow cluster.
+pub fn is_broker_url(url: &str) -> bool {
+    ["kafka://", "amqp://", "amqps://"]
+        .iter()
+        .any(|s| url.starts_with(s))
+}
+
+/// The `name=` filter of a broker source URL.
+pub fn name_filter(url: &str) -> Option<String> {
+    let query = url.split_once('?')?.1;
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "name")
+        .map(|(_, v)| v.into_owned())
+}

@@ -1,0 +1,325 @@
+//! Kafka as the source, against a real Kafka-protocol broker (tansu):
+//! records written by an independent librdkafka producer come out as
+//! envelopes, offsets are committed only for what every sink confirmed,
+//! and a bridge stopped abruptly mid-stream loses nothing.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use common::brokers::Tansu;
+use common::*;
+use evbridge::bridge;
+use evbridge::shutdown;
+use evbridge::sinks::{BatchError, Envelope, Sink, SinkError};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, TopicPartitionList};
+use serde_json::{Value, json};
+
+/// tansu waits a whole rebalance timeout for a group's first join unless
+/// told a short one.
+const GROUP_TIMEOUTS: &str = "rdkafka.session.timeout.ms=6000&rdkafka.max.poll.interval.ms=6000";
+
+async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    for r in results {
+        r.unwrap();
+    }
+}
+
+/// Writes `bodies` (with keys), waits for every delivery report and
+/// returns each partition's end offset as the reports give it (tansu's
+/// ListOffsets answers batch counts, not record offsets, so watermarks
+/// cannot be asked of it).
+async fn produce(bootstrap: &str, topic: &str, bodies: &[(String, Vec<u8>)]) -> Ends {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let mut pending = Vec::new();
+    for (key, body) in bodies {
+        let record = FutureRecord::to(topic).key(key.as_bytes()).payload(body);
+        pending.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+    }
+    let mut ends = Ends::new();
+    for p in pending {
+        let delivered = p.await.unwrap().unwrap();
+        let end = ends.entry(delivered.partition).or_default();
+        *end = (*end).max(delivered.offset + 1);
+    }
+    ends
+}
+
+/// End offset of each partition written to.
+type Ends = std::collections::HashMap<i32, i64>;
+
+/// `n` AccelByte events, plus BonFIRE notifications and bytes that are
+/// not JSON, as (key, body).
+fn records(n: usize, tag: &str) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = (0..n)
+        .map(|i| {
+            let id = format!("{:032x}", (i as u128) << 8 | 0xab);
+            let body = json!({
+                "id": id, "name": "userLoggedIn", "namespace": tag,
+                "timestamp": "2026-11-25T10:00:00Z", "version": 1, "topic": "auth",
+                "payload": {"n": i}, "userId": format!("u{i}")
+            });
+            (format!("user-{}", i % 7), body.to_string().into_bytes())
+        })
+        .collect();
+    for i in 0..5 {
+        let body = json!({"timestamp": 1_795_564_800 + i, "type": "experiment",
+                          "status": "running", "path": format!("/experiments/{i}")});
+        out.push((format!("exp-{i}"), body.to_string().into_bytes()));
+    }
+    out.push(("raw".into(), b"\xffnot json".to_vec()));
+    out
+}
+
+fn source_url(t: &Tansu, group: &str, extra: &str) -> String {
+    format!(
+        "kafka://{}/events?group={group}&prefix=p&offset=earliest&{GROUP_TIMEOUTS}{extra}",
+        t.bootstrap()
+    )
+}
+
+/// Committed offsets of `group` summed over the partitions written to, and
+/// their end offsets summed.
+fn committed_and_end(bootstrap: &str, group: &str, topic: &str, ends: &Ends) -> (i64, i64) {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in ends.keys() {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    let sum = committed
+        .elements()
+        .iter()
+        .map(|e| e.offset().to_raw().unwrap_or(0).max(0))
+        .sum();
+    (sum, ends.values().sum())
+}
+
+async fn wait_for(buf: &SharedBuf, ids: usize, limit: Duration) -> Vec<Value> {
+    let start = Instant::now();
+    loop {
+        let got = buf.envelopes();
+        let distinct: HashSet<_> = got.iter().map(|e| e["id"].to_string()).collect();
+        if distinct.len() >= ids || start.elapsed() > limit {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_become_envelopes_and_offsets_are_committed() {
+    let t = Tansu::start();
+    create_topic(&t.bootstrap(), "p.events", 3).await;
+    let recs = records(300, "game");
+    let ends = produce(&t.bootstrap(), "p.events", &recs).await;
+
+    let (sink, buf) = capture();
+    let (trigger, stop) = shutdown::channel();
+    let run = tokio::spawn(bridge::run(
+        bridge_config(&source_url(&t, "g1", "")),
+        vec![sink],
+        stop,
+    ));
+    let got = wait_for(&buf, recs.len(), Duration::from_secs(60)).await;
+    trigger.fire();
+    let summary = run.await.unwrap().unwrap();
+
+    let ids: HashSet<String> = got
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().into())
+        .collect();
+    assert_eq!(ids.len(), recs.len(), "every record delivered once");
+    let users: Vec<&Value> = got.iter().filter(|e| e["name"] == "userLoggedIn").collect();
+    assert_eq!(users.len(), 300);
+    for e in &users {
+        assert_eq!(e["namespace"], "game");
+        assert_eq!(e["topic"], "auth");
+        assert_eq!(e["attributes"]["kafka_topic"], "p.events");
+        assert!(
+            e["attributes"]["user_id"]
+                .as_str()
+                .unwrap()
+                .starts_with('u')
+        );
+        assert!(e["payload"]["n"].is_u64());
+        assert!(e["key"].as_str().unwrap().starts_with("user-"));
+    }
+    assert_eq!(
+        got.iter()
+            .filter(|e| e["name"] == "experiment_running")
+            .count(),
+        5
+    );
+    let raw: Vec<&Value> = got.iter().filter(|e| e["name"] == "raw_record").collect();
+    assert_eq!(raw.len(), 1);
+    assert_eq!(raw[0]["payload"]["value"], "/25vdCBqc29u");
+    assert_eq!(summary.notifications, recs.len() as u64);
+    assert_eq!(summary.acked, recs.len() as u64);
+
+    // Everything was confirmed, so everything is committed for group p.g1.
+    let (committed, end) = committed_and_end(&t.bootstrap(), "p.g1", "p.events", &ends);
+    assert_eq!(committed, end);
+    assert_eq!(end, recs.len() as i64);
+}
+
+/// Confirms the first `ok` envelopes, then fails every later send
+/// retryably: what it did not confirm must not be committed.
+#[derive(Debug)]
+struct StallAfter {
+    ok: usize,
+    seen: std::sync::Mutex<usize>,
+}
+
+#[async_trait]
+impl Sink for StallAfter {
+    fn describe(&self) -> &str {
+        "stall://"
+    }
+    async fn send(&self, batch: &[Arc<Envelope>]) -> Result<(), BatchError> {
+        let mut seen = self.seen.lock().unwrap();
+        let room = self.ok.saturating_sub(*seen).min(batch.len());
+        *seen += room;
+        if room == batch.len() {
+            Ok(())
+        } else {
+            Err(BatchError::new(
+                room,
+                SinkError::Retryable("stalled".into()),
+            ))
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unconfirmed_records_are_not_committed_and_come_again() {
+    let t = Tansu::start();
+    create_topic(&t.bootstrap(), "p.events", 2).await;
+    let recs = records(200, "x");
+    let ends = produce(&t.bootstrap(), "p.events", &recs).await;
+
+    // First run: the sink confirms 50 and then stalls; the bridge is
+    // stopped (its grace runs out) with the rest unconfirmed.
+    let stall = Arc::new(StallAfter {
+        ok: 50,
+        seen: std::sync::Mutex::new(0),
+    });
+    let (trigger, stop) = shutdown::channel();
+    let mut cfg = bridge_config(&source_url(&t, "g2", ""));
+    cfg.source.shutdown_grace = Duration::from_secs(1);
+    let run = tokio::spawn(bridge::run(cfg, vec![stall.clone()], stop));
+    let start = Instant::now();
+    while *stall.seen.lock().unwrap() < 50 && start.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    trigger.fire();
+    let first = run.await.unwrap().unwrap();
+    assert!(
+        first.acked <= 50,
+        "acked {} of which only 50 confirmed",
+        first.acked
+    );
+    let (committed, end) = committed_and_end(&t.bootstrap(), "p.g2", "p.events", &ends);
+    assert!(committed <= 50, "committed {committed} > confirmed 50");
+    assert_eq!(end, recs.len() as i64);
+
+    // Second run, same group, a sink that works: everything not committed
+    // arrives; together the two runs delivered every record.
+    let (sink, buf) = capture();
+    let (trigger, stop) = shutdown::channel();
+    let run = tokio::spawn(bridge::run(
+        bridge_config(&source_url(&t, "g2", "")),
+        vec![sink],
+        stop,
+    ));
+    let want = recs.len() - committed as usize;
+    let got = wait_for(&buf, want, Duration::from_secs(60)).await;
+    trigger.fire();
+    run.await.unwrap().unwrap();
+    let ids: HashSet<String> = got
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().into())
+        .collect();
+    assert!(
+        ids.len() >= want,
+        "second run delivered {} of {want}",
+        ids.len()
+    );
+    let (committed, end) = committed_and_end(&t.bootstrap(), "p.g2", "p.events", &ends);
+    assert_eq!(committed, end, "all committed after the second run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_filter_passes_only_that_event_and_commits_the_rest() {
+    let t = Tansu::start();
+    create_topic(&t.bootstrap(), "p.events", 1).await;
+    let recs = records(20, "f");
+    let ends = produce(&t.bootstrap(), "p.events", &recs).await;
+    let (sink, buf) = capture();
+    let (trigger, stop) = shutdown::channel();
+    let run = tokio::spawn(bridge::run(
+        bridge_config(&source_url(&t, "g3", "&name=experiment_running")),
+        vec![sink],
+        stop,
+    ));
+    let start = Instant::now();
+    loop {
+        let (committed, end) = committed_and_end(&t.bootstrap(), "p.g3", "p.events", &ends);
+        if committed == end || start.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    trigger.fire();
+    run.await.unwrap().unwrap();
+    let got = buf.envelopes();
+    assert_eq!(got.len(), 5);
+    assert!(got.iter().all(|e| e["name"] == "experiment_running"));
+}
+
+#[tokio::test]
+async fn bad_source_urls_name_the_problem() {
+    for (url, want) in [
+        ("kafka://127.0.0.1:9/", "not a topic"),
+        ("kafka://127.0.0.1:9/t?offset=middle", "offset"),
+        ("kafka://127.0.0.1:9/t?group=a%20b", "group=a b"),
+        ("kafka://127.0.0.1:9/t?colour=red", "colour"),
+        ("kafka://nohost/t", "needs a port"),
+        ("ftp://x/y", "not a broker source"),
+    ] {
+        let err = evbridge::sinks::open_inbound(url)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{url}: {err}");
+    }
+}
