@@ -6,69 +6,17 @@
 mod common;
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
-use common::brokers::Tansu;
+use common::brokers::*;
 use common::*;
 use evbridge::bridge;
 use evbridge::shutdown;
-use evbridge::sinks::{BatchError, Envelope, Sink, SinkError};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, TopicPartitionList};
 use serde_json::{Value, json};
 
 /// tansu waits a whole rebalance timeout for a group's first join unless
 /// told a short one.
 const GROUP_TIMEOUTS: &str = "rdkafka.session.timeout.ms=6000&rdkafka.max.poll.interval.ms=6000";
-
-async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .unwrap();
-    let results = admin
-        .create_topics(
-            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await
-        .unwrap();
-    for r in results {
-        r.unwrap();
-    }
-}
-
-/// Writes `bodies` (with keys), waits for every delivery report and
-/// returns each partition's end offset as the reports give it (tansu's
-/// ListOffsets answers batch counts, not record offsets, so watermarks
-/// cannot be asked of it).
-async fn produce(bootstrap: &str, topic: &str, bodies: &[(String, Vec<u8>)]) -> Ends {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("linger.ms", "5")
-        .create()
-        .unwrap();
-    let mut pending = Vec::new();
-    for (key, body) in bodies {
-        let record = FutureRecord::to(topic).key(key.as_bytes()).payload(body);
-        pending.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
-    }
-    let mut ends = Ends::new();
-    for p in pending {
-        let delivered = p.await.unwrap().unwrap();
-        let end = ends.entry(delivered.partition).or_default();
-        *end = (*end).max(delivered.offset + 1);
-    }
-    ends
-}
-
-/// End offset of each partition written to.
-type Ends = std::collections::HashMap<i32, i64>;
 
 /// `n` AccelByte events, plus BonFIRE notifications and bytes that are
 /// not JSON, as (key, body).
@@ -98,41 +46,6 @@ fn source_url(t: &Tansu, group: &str, extra: &str) -> String {
         "kafka://{}/events?group={group}&prefix=p&offset=earliest&{GROUP_TIMEOUTS}{extra}",
         t.bootstrap()
     )
-}
-
-/// Committed offsets of `group` summed over the partitions written to, and
-/// their end offsets summed.
-fn committed_and_end(bootstrap: &str, group: &str, topic: &str, ends: &Ends) -> (i64, i64) {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in ends.keys() {
-        tpl.add_partition(topic, *p);
-    }
-    let committed = consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
-    let sum = committed
-        .elements()
-        .iter()
-        .map(|e| e.offset().to_raw().unwrap_or(0).max(0))
-        .sum();
-    (sum, ends.values().sum())
-}
-
-async fn wait_for(buf: &SharedBuf, ids: usize, limit: Duration) -> Vec<Value> {
-    let start = Instant::now();
-    loop {
-        let got = buf.envelopes();
-        let distinct: HashSet<_> = got.iter().map(|e| e["id"].to_string()).collect();
-        if distinct.len() >= ids || start.elapsed() > limit {
-            return got;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,34 +104,6 @@ async fn records_become_envelopes_and_offsets_are_committed() {
     assert_eq!(end, recs.len() as i64);
 }
 
-/// Confirms the first `ok` envelopes, then fails every later send
-/// retryably: what it did not confirm must not be committed.
-#[derive(Debug)]
-struct StallAfter {
-    ok: usize,
-    seen: std::sync::Mutex<usize>,
-}
-
-#[async_trait]
-impl Sink for StallAfter {
-    fn describe(&self) -> &str {
-        "stall://"
-    }
-    async fn send(&self, batch: &[Arc<Envelope>]) -> Result<(), BatchError> {
-        let mut seen = self.seen.lock().unwrap();
-        let room = self.ok.saturating_sub(*seen).min(batch.len());
-        *seen += room;
-        if room == batch.len() {
-            Ok(())
-        } else {
-            Err(BatchError::new(
-                room,
-                SinkError::Retryable("stalled".into()),
-            ))
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unconfirmed_records_are_not_committed_and_come_again() {
     let t = Tansu::start();
@@ -228,16 +113,13 @@ async fn unconfirmed_records_are_not_committed_and_come_again() {
 
     // First run: the sink confirms 50 and then stalls; the bridge is
     // stopped (its grace runs out) with the rest unconfirmed.
-    let stall = Arc::new(StallAfter {
-        ok: 50,
-        seen: std::sync::Mutex::new(0),
-    });
+    let stall = StallAfter::new(50);
     let (trigger, stop) = shutdown::channel();
     let mut cfg = bridge_config(&source_url(&t, "g2", ""));
     cfg.source.shutdown_grace = Duration::from_secs(1);
     let run = tokio::spawn(bridge::run(cfg, vec![stall.clone()], stop));
     let start = Instant::now();
-    while *stall.seen.lock().unwrap() < 50 && start.elapsed() < Duration::from_secs(60) {
+    while stall.confirmed() < 50 && start.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;

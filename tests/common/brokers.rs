@@ -8,6 +8,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rdkafka::ClientConfig;
+use rdkafka::TopicPartitionList;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -236,4 +242,72 @@ async fn pump(
             return;
         }
     }
+}
+
+/// Creates `topic` with `partitions` partitions.
+pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    for r in results {
+        r.unwrap();
+    }
+}
+
+/// Writes `bodies` (with keys), waits for every delivery report and
+/// returns each partition's end offset as the reports give it (tansu's
+/// ListOffsets answers batch counts, not record offsets, so watermarks
+/// cannot be asked of it).
+pub async fn produce(bootstrap: &str, topic: &str, bodies: &[(String, Vec<u8>)]) -> Ends {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let mut pending = Vec::new();
+    for (key, body) in bodies {
+        let record = FutureRecord::to(topic).key(key.as_bytes()).payload(body);
+        pending.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+    }
+    let mut ends = Ends::new();
+    for p in pending {
+        let delivered = p.await.unwrap().unwrap();
+        let end = ends.entry(delivered.partition).or_default();
+        *end = (*end).max(delivered.offset + 1);
+    }
+    ends
+}
+
+/// End offset of each partition written to.
+pub type Ends = std::collections::HashMap<i32, i64>;
+
+/// Committed offsets of `group` summed over the partitions written to, and
+/// their end offsets summed.
+pub fn committed_and_end(bootstrap: &str, group: &str, topic: &str, ends: &Ends) -> (i64, i64) {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in ends.keys() {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    let sum = committed
+        .elements()
+        .iter()
+        .map(|e| e.offset().to_raw().unwrap_or(0).max(0))
+        .sum();
+    (sum, ends.values().sum())
 }

@@ -220,3 +220,75 @@ pub fn sim_config(builds: usize, events: usize) -> SimConfig {
     cfg.gen_config.events_per_invocation = events;
     cfg
 }
+
+/// Waits until `buf` holds `ids` distinct envelope ids (or `limit`
+/// passed) and returns every envelope in it.
+pub async fn wait_for(buf: &SharedBuf, ids: usize, limit: Duration) -> Vec<Value> {
+    let start = std::time::Instant::now();
+    loop {
+        let got = buf.envelopes();
+        let distinct: std::collections::HashSet<_> =
+            got.iter().map(|e| e["id"].to_string()).collect();
+        if distinct.len() >= ids || start.elapsed() > limit {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Confirms the first `ok` envelopes, then fails every later send
+/// retryably: what it did not confirm must not be acknowledged upstream.
+/// Remembers the id of every envelope offered to it.
+#[derive(Debug)]
+pub struct StallAfter {
+    ok: usize,
+    confirmed: Mutex<usize>,
+    offered: Mutex<std::collections::HashSet<String>>,
+}
+
+impl StallAfter {
+    pub fn new(ok: usize) -> Arc<StallAfter> {
+        Arc::new(StallAfter {
+            ok,
+            confirmed: Mutex::new(0),
+            offered: Mutex::new(Default::default()),
+        })
+    }
+
+    /// Envelopes confirmed so far.
+    pub fn confirmed(&self) -> usize {
+        *self.confirmed.lock().unwrap()
+    }
+
+    /// Ids of every envelope it was given, confirmed or not.
+    pub fn offered(&self) -> std::collections::HashSet<String> {
+        self.offered.lock().unwrap().clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for StallAfter {
+    fn describe(&self) -> &str {
+        "stall://"
+    }
+    async fn send(
+        &self,
+        batch: &[Arc<evbridge::sinks::Envelope>],
+    ) -> Result<(), evbridge::sinks::BatchError> {
+        self.offered
+            .lock()
+            .unwrap()
+            .extend(batch.iter().map(|e| e.id.clone()));
+        let mut confirmed = self.confirmed.lock().unwrap();
+        let room = self.ok.saturating_sub(*confirmed).min(batch.len());
+        *confirmed += room;
+        if room == batch.len() {
+            Ok(())
+        } else {
+            Err(evbridge::sinks::BatchError::new(
+                room,
+                evbridge::sinks::SinkError::Retryable("stalled".into()),
+            ))
+        }
+    }
+}
