@@ -12,31 +12,8 @@ use common::rabbit::*;
 use common::*;
 use evbridge::bridge;
 use evbridge::shutdown;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel};
+use lapin::options::ConfirmSelectOptions;
 use serde_json::json;
-
-/// Publishes `body` persistently and waits for the broker's confirm.
-async fn publish(ch: &Channel, exchange: &str, key: &str, body: &[u8], id: Option<&str>) {
-    let mut props = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_timestamp(1_795_564_800);
-    if let Some(id) = id {
-        props = props.with_message_id(id.into());
-    }
-    ch.basic_publish(
-        exchange.into(),
-        key.into(),
-        BasicPublishOptions::default(),
-        body,
-        props,
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
-}
 
 /// BonFIRE traffic: `n` simple messages, 5 detailed ones, one body that is
 /// not JSON (all under `experiment.`), and 3 on a key nobody bound.
@@ -80,21 +57,6 @@ async fn bonfire_traffic(t: &Topology, n: usize) -> usize {
     n + 6
 }
 
-/// Ready messages in `queue`.
-async fn ready(t: &Topology, queue: &str) -> u32 {
-    t.ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap()
-    .message_count()
-}
-
 fn source_url(t: &Topology, extra: &str) -> String {
     format!(
         "{}?exchange={}&binding_key=experiment.%23{extra}",
@@ -115,12 +77,12 @@ async fn bonfire_messages_become_envelopes_and_are_acknowledged() {
         stop,
     ));
     // The bridge declares and binds the queue; publish once it exists.
-    wait_for_queue(&t, &queue).await;
+    t.wait_for_queue(&queue).await;
     let want = bonfire_traffic(&t, 40).await;
     let got = wait_for(&buf, want, Duration::from_secs(60)).await;
     // Let acknowledgements reach the broker before looking at the queue.
     let start = Instant::now();
-    while ready(&t, &queue).await > 0 && start.elapsed() < Duration::from_secs(10) {
+    while t.ready(&queue).await > 0 && start.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     trigger.fire();
@@ -166,186 +128,7 @@ async fn bonfire_messages_become_envelopes_and_are_acknowledged() {
     assert_eq!(raw.len(), 1);
     assert_eq!(raw[0]["payload"]["value"], "/25vdCBqc29u");
     assert!(got.iter().all(|e| e["topic"] != "other.thing"));
-    assert_eq!(ready(&t, &queue).await, 0, "everything acknowledged");
-    delete_queue(&t, &queue).await;
-    t.cleanup().await;
-}
-
-/// Waits until `queue` exists (each probe on a channel of its own: a
-/// failed passive declare closes its channel).
-async fn wait_for_queue(t: &Topology, queue: &str) {
-    let start = Instant::now();
-    loop {
-        let ch = t.conn.create_channel().await.unwrap();
-        let probe = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        if probe.is_ok() {
-            let _ = ch.close(200, "".into()).await;
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "queue `{queue}` never declared"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn delete_queue(t: &Topology, queue: &str) {
-    let _ =
-        t.ch.queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
-            .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unconfirmed_deliveries_stay_queued_and_keep_their_ids() {
-    let t = Topology::new(&[]).await;
-    let queue = unique("evb-src");
-    let url = source_url(&t, &format!("&queue={queue}&prefetch=5"));
-
-    // First run: the sink confirms 10 envelopes, then stalls; the bridge
-    // is stopped with the rest unconfirmed.
-    let stall = StallAfter::new(10);
-    let (trigger, stop) = shutdown::channel();
-    let mut cfg = bridge_config(&url);
-    cfg.source.shutdown_grace = Duration::from_secs(1);
-    let run = tokio::spawn(bridge::run(cfg, vec![stall.clone()], stop));
-    wait_for_queue(&t, &queue).await;
-    let want = bonfire_traffic(&t, 34).await;
-    let start = Instant::now();
-    while stall.confirmed() < 10 && start.elapsed() < Duration::from_secs(30) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    trigger.fire();
-    let first = run.await.unwrap().unwrap();
-    assert_eq!(first.acked, 10, "{first:?}");
-    let offered = stall.offered();
-    assert!(
-        offered.len() > 10,
-        "the stalled sink was offered more than it confirmed"
-    );
-    // Closing the channel put every unacknowledged delivery back.
-    assert_eq!(ready(&t, &queue).await as usize, want - 10);
-
-    // Second run: a working sink gets exactly what was left, and the
-    // envelopes offered before keep their ids (with or without a
-    // message id of their own).
-    let (sink, buf) = capture();
-    let (trigger, stop) = shutdown::channel();
-    let run = tokio::spawn(bridge::run(bridge_config(&url), vec![sink], stop));
-    let got = wait_for(&buf, want - 10, Duration::from_secs(60)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    trigger.fire();
-    run.await.unwrap().unwrap();
-    let second: HashSet<String> = got
-        .iter()
-        .map(|e| e["id"].as_str().unwrap().into())
-        .collect();
-    assert_eq!(second.len(), want - 10);
-    let unconfirmed: Vec<&String> = offered.iter().filter(|id| second.contains(*id)).collect();
-    assert_eq!(
-        unconfirmed.len(),
-        offered.len() - 10,
-        "every delivery offered but not confirmed came again with the same id"
-    );
-    assert_eq!(ready(&t, &queue).await, 0);
-    delete_queue(&t, &queue).await;
-    t.cleanup().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_named_queue_and_a_name_filter() {
-    let t = Topology::new(&[]).await;
-    // No queue=: the broker names an exclusive queue. Probe with one
-    // message until the bridge receives it, then send the rest.
-    let (sink, buf) = capture();
-    let (trigger, stop) = shutdown::channel();
-    let run = tokio::spawn(bridge::run(
-        bridge_config(&source_url(&t, "&name=compute_state")),
-        vec![sink],
-        stop,
-    ));
-    t.ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let probe = json!({"timestamp": 1, "objectType": "compute", "eventType": "state",
-                       "objectId": "/probe"})
-    .to_string();
-    let start = Instant::now();
-    while buf.envelopes().is_empty() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the bridge never consumed"
-        );
-        publish(
-            &t.ch,
-            &t.exchange,
-            "experiment.probe",
-            probe.as_bytes(),
-            Some("probe"),
-        )
-        .await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    bonfire_traffic(&t, 10).await;
-    let got = wait_for(&buf, 6, Duration::from_secs(30)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    trigger.fire();
-    let summary = run.await.unwrap().unwrap();
-    let names: HashSet<&str> = got.iter().map(|e| e["name"].as_str().unwrap()).collect();
-    assert_eq!(names, HashSet::from(["compute_state"]));
-    let ids: HashSet<&str> = got.iter().map(|e| e["id"].as_str().unwrap()).collect();
-    assert_eq!(
-        ids.len(),
-        6,
-        "the probe (one id however often sent) and 5 detailed"
-    );
-    // Filtered-out messages were acknowledged too: nothing is left behind.
-    assert_eq!(summary.acked, summary.notifications, "{summary:?}");
-    t.cleanup().await;
-}
-
-#[tokio::test]
-async fn refusals_are_clear_errors_at_start() {
-    let t = Topology::new(&[]).await;
-    // Wrong password: refused for good, and the password is never shown.
-    let bad = broker_url().replace("guest:guest", "guest:hunter2");
-    let url = format!("{bad}?exchange={}", t.exchange);
-    let (_trigger, stop) = shutdown::channel();
-    let err = tokio::time::timeout(
-        Duration::from_secs(30),
-        bridge::run(bridge_config(&url), vec![capture().0], stop),
-    )
-    .await
-    .expect("a refusal ends the run")
-    .unwrap_err()
-    .to_string();
-    assert!(err.contains("ACCESS") || err.contains("refused"), "{err}");
-    assert!(!err.contains("hunter2"), "{err}");
-
-    // A missing exchange is named, with the hint.
-    let url = format!("{}?exchange=evb-missing-{}", broker_url(), unique("x"));
-    let (_trigger, stop) = shutdown::channel();
-    let err = tokio::time::timeout(
-        Duration::from_secs(30),
-        bridge::run(bridge_config(&url), vec![capture().0], stop),
-    )
-    .await
-    .expect("a refusal ends the run")
-    .unwrap_err()
-    .to_string();
-    assert!(
-        err.contains("evb-missing-") && err.contains("declare=true"),
-        "{err}"
-    );
+    assert_eq!(t.ready(&queue).await, 0, "everything acknowledged");
+    t.delete_queue(&queue).await;
     t.cleanup().await;
 }

@@ -3,84 +3,13 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::brokers::{Proxy, Tansu, free_port};
+use common::brokers::{Proxy, Rec, Tansu, consume, free_port};
 use common::*;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(90);
-
-#[derive(Debug, Clone)]
-struct Rec {
-    topic: String,
-    partition: i32,
-    offset: i64,
-    key: Option<String>,
-    headers: HashMap<String, String>,
-    value: Value,
-}
-
-/// Reads `topics` from the start until records with `want` distinct
-/// envelope ids arrived (repeats are kept) or `limit` passed.
-fn consume(bootstrap: &str, topics: &[String], want: usize, limit: Duration) -> Vec<Rec> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set(
-            "group.id",
-            format!("evbridge-test-{}", uuid::Uuid::new_v4()),
-        )
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    // Assign every partition from the beginning (no group protocol: fast
-    // and independent of the broker's group coordinator).
-    let mut tpl = TopicPartitionList::new();
-    for t in topics {
-        let md = consumer
-            .fetch_metadata(Some(t), Duration::from_secs(10))
-            .unwrap();
-        for topic in md.topics() {
-            for p in topic.partitions() {
-                tpl.add_partition_offset(t, p.id(), Offset::Beginning)
-                    .unwrap();
-            }
-        }
-    }
-    consumer.assign(&tpl).unwrap();
-    let start = Instant::now();
-    let mut out = Vec::new();
-    let mut ids = HashSet::new();
-    while ids.len() < want && start.elapsed() < limit {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            let mut headers = HashMap::new();
-            if let Some(h) = m.headers() {
-                for header in h.iter() {
-                    let v = header
-                        .value
-                        .map(|v| String::from_utf8_lossy(v).into_owned());
-                    headers.insert(header.key.to_string(), v.unwrap_or_default());
-                }
-            }
-            let value: Value = serde_json::from_slice(m.payload().unwrap()).expect("value is JSON");
-            ids.insert(value["id"].as_str().unwrap().to_string());
-            out.push(Rec {
-                topic: m.topic().to_string(),
-                partition: m.partition(),
-                offset: m.offset(),
-                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                headers,
-                value,
-            });
-        }
-    }
-    out
-}
 
 async fn consume_async(bootstrap: String, topics: Vec<String>, want: usize) -> Vec<Rec> {
     tokio::task::spawn_blocking(move || consume(&bootstrap, &topics, want, Duration::from_secs(60)))

@@ -14,10 +14,6 @@ use evbridge::bridge;
 use evbridge::shutdown;
 use serde_json::{Value, json};
 
-/// tansu waits a whole rebalance timeout for a group's first join unless
-/// told a short one.
-const GROUP_TIMEOUTS: &str = "rdkafka.session.timeout.ms=6000&rdkafka.max.poll.interval.ms=6000";
-
 /// `n` AccelByte events, plus BonFIRE notifications and bytes that are
 /// not JSON, as (key, body).
 fn records(n: usize, tag: &str) -> Vec<(String, Vec<u8>)> {

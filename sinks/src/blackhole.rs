@@ -21,6 +21,9 @@ pub struct Blackhole {
     reporter: Option<tokio::task::JoinHandle<()>>,
     /// Seconds per envelope when throttled.
     pace: Option<f64>,
+    /// When the throttle is free again: sends on every lane share it, so
+    /// `rate` holds for the sink as a whole.
+    free_at: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Blackhole {
@@ -32,6 +35,7 @@ impl Blackhole {
             shown: "blackhole://".into(),
             reporter: None,
             pace: None,
+            free_at: std::sync::Mutex::new(None),
         }
     }
 
@@ -116,7 +120,15 @@ impl Sink for Blackhole {
 
     async fn send(&self, batch: &[Arc<Envelope>]) -> Result<(), BatchError> {
         if let Some(pace) = self.pace {
-            tokio::time::sleep(Duration::from_secs_f64(pace * batch.len() as f64)).await;
+            let done = {
+                let mut free_at = self.free_at.lock().unwrap_or_else(|p| p.into_inner());
+                let now = tokio::time::Instant::now();
+                let start = free_at.filter(|t| *t > now).unwrap_or(now);
+                let done = start + Duration::from_secs_f64(pace * batch.len() as f64);
+                *free_at = Some(done);
+                done
+            };
+            tokio::time::sleep_until(done).await;
         }
         let bytes: usize = batch.iter().map(|e| e.json().len()).sum();
         self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);

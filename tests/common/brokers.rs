@@ -8,12 +8,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::ClientConfig;
-use rdkafka::TopicPartitionList;
+use std::collections::{HashMap, HashSet};
+
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -311,3 +314,82 @@ pub fn committed_and_end(bootstrap: &str, group: &str, topic: &str, ends: &Ends)
         .sum();
     (sum, ends.values().sum())
 }
+
+#[derive(Debug, Clone)]
+pub struct Rec {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub headers: HashMap<String, String>,
+    pub value: Value,
+}
+
+/// Reads `topics` from the start until records with `want` distinct
+/// envelope ids arrived (repeats are kept) or `limit` passed.
+pub fn consume(bootstrap: &str, topics: &[String], want: usize, limit: Duration) -> Vec<Rec> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set(
+            "group.id",
+            format!("evbridge-test-{}", uuid::Uuid::new_v4()),
+        )
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    // Assign every partition from the beginning (no group protocol: fast
+    // and independent of the broker's group coordinator).
+    let mut tpl = TopicPartitionList::new();
+    for t in topics {
+        let md = consumer
+            .fetch_metadata(Some(t), Duration::from_secs(10))
+            .unwrap();
+        for topic in md.topics() {
+            for p in topic.partitions() {
+                tpl.add_partition_offset(t, p.id(), Offset::Beginning)
+                    .unwrap();
+            }
+        }
+    }
+    consumer.assign(&tpl).unwrap();
+    let start = Instant::now();
+    let mut out = Vec::new();
+    let mut ids = HashSet::new();
+    while ids.len() < want && start.elapsed() < limit {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let mut headers = HashMap::new();
+            if let Some(h) = m.headers() {
+                for header in h.iter() {
+                    let v = header
+                        .value
+                        .map(|v| String::from_utf8_lossy(v).into_owned());
+                    headers.insert(header.key.to_string(), v.unwrap_or_default());
+                }
+            }
+            let value: Value =
+                serde_json::from_slice(m.payload().unwrap_or_default()).unwrap_or(Value::Null);
+            // CloudEvents in binary mode carry the id in a header.
+            let id = value["id"]
+                .as_str()
+                .map(str::to_string)
+                .or_else(|| headers.get("ce_id").cloned())
+                .unwrap_or_default();
+            ids.insert(id);
+            out.push(Rec {
+                topic: m.topic().to_string(),
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                headers,
+                value,
+            });
+        }
+    }
+    out
+}
+
+/// tansu waits a whole rebalance timeout for a group's first join unless
+/// told a short one.
+pub const GROUP_TIMEOUTS: &str =
+    "rdkafka.session.timeout.ms=6000&rdkafka.max.poll.interval.ms=6000";

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use lapin::options::*;
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::Value;
 
 pub fn broker_url() -> String {
@@ -130,5 +130,105 @@ impl Topology {
 
     pub fn sink_url(&self, extra: &str) -> String {
         format!("{}?exchange={}{extra}", broker_url(), self.exchange)
+    }
+}
+
+/// Publishes `body` persistently and waits for the broker's confirm.
+pub async fn publish(ch: &Channel, exchange: &str, key: &str, body: &[u8], id: Option<&str>) {
+    let mut props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_timestamp(1_795_564_800);
+    if let Some(id) = id {
+        props = props.with_message_id(id.into());
+    }
+    ch.basic_publish(
+        exchange.into(),
+        key.into(),
+        BasicPublishOptions::default(),
+        body,
+        props,
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+impl Topology {
+    /// Ready messages in `queue`.
+    pub async fn ready(&self, queue: &str) -> u32 {
+        self.ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count()
+    }
+
+    /// Waits until `queue` exists (each probe on a channel of its own: a
+    /// failed passive declare closes its channel).
+    pub async fn wait_for_queue(&self, queue: &str) {
+        let start = Instant::now();
+        loop {
+            let ch = self.conn.create_channel().await.unwrap();
+            let probe = ch
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            if probe.is_ok() {
+                let _ = ch.close(200, "".into()).await;
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "queue `{queue}` never declared"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Deletes a queue the test did not declare itself.
+    pub async fn delete_queue(&self, queue: &str) {
+        let _ = self
+            .ch
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await;
+    }
+}
+
+/// Publishes every `(routing key, body, message id)` pipelined, then waits
+/// for all the broker's confirms (the channel must be in confirm mode).
+pub async fn publish_all(ch: &Channel, exchange: &str, messages: &[(String, Vec<u8>, String)]) {
+    let mut confirms = Vec::with_capacity(messages.len());
+    for (key, body, id) in messages {
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(id.as_str().into());
+        confirms.push(
+            ch.basic_publish(
+                exchange.into(),
+                key.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    for c in confirms {
+        assert!(c.await.unwrap().is_ack());
     }
 }
