@@ -10,6 +10,7 @@
 //! is rebuilt on the next send, and the pipeline re-publishes everything
 //! not confirmed.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use lapin::{
 use tokio::sync::Mutex;
 use url::Url;
 
+use crate::cloudevents::{self, CloudEvents, Mode};
 use crate::template::Template;
 use crate::{BatchError, Envelope, OpenError, Options, Sink, SinkError};
 
@@ -37,6 +39,10 @@ const ACCEPTED: &[&str] = &[
     "headers",
     "confirm_timeout",
     "ca",
+    "cloudevents",
+    "ce_source",
+    "ce_type",
+    "ce_prefix",
 ];
 /// Query options lapin itself understands; passed through.
 pub(crate) const LAPIN_OPTIONS: &[&str] = &[
@@ -69,6 +75,9 @@ pub struct AmqpSink {
     content_type: String,
     headers: bool,
     confirm_timeout: Duration,
+    cloudevents: Option<CloudEvents>,
+    /// Header name prefix of CloudEvents attributes in binary mode.
+    ce_prefix: String,
     link: Mutex<Option<Connection>>,
     /// Confirm-mode channels not in use. Each send has a channel of its
     /// own, so the broker's returns and confirms on it belong to that send.
@@ -116,9 +125,29 @@ pub fn open(url: &Url) -> Result<AmqpSink, OpenError> {
     let persistent = opts.flag("persistent")?.unwrap_or(true);
     let mandatory = opts.flag("mandatory")?.unwrap_or(true);
     let headers = opts.flag("headers")?.unwrap_or(true);
-    let content_type = opts
-        .take("content_type")
-        .unwrap_or_else(|| "application/json".into());
+    let content_type = opts.take("content_type");
+    let cloudevents = CloudEvents::from_options(&mut opts)?;
+    let ce_prefix = opts.take("ce_prefix");
+    if cloudevents.is_none() && ce_prefix.is_some() {
+        return Err(fail(
+            &opts,
+            "option `ce_prefix` needs `cloudevents=binary`".into(),
+        ));
+    }
+    if cloudevents.is_some() && content_type.is_some() {
+        return Err(fail(
+            &opts,
+            "option `content_type` is set by `cloudevents` (application/json in binary mode, application/cloudevents+json in structured mode)".into(),
+        ));
+    }
+    let content_type = match &cloudevents {
+        Some(ce) if ce.mode == Mode::Structured => cloudevents::STRUCTURED.to_string(),
+        Some(_) => cloudevents::DATA_CONTENT_TYPE.to_string(),
+        None => content_type.unwrap_or_else(|| "application/json".into()),
+    };
+    // The RabbitMQ binding's `ce-`; the AMQP binding's `cloudEvents:` or
+    // `cloudEvents_` can be asked for.
+    let ce_prefix = ce_prefix.unwrap_or_else(|| "ce-".into());
     let confirm_timeout: f64 = opts
         .parse("confirm_timeout", "a number of seconds")?
         .unwrap_or(30.0);
@@ -143,6 +172,8 @@ pub fn open(url: &Url) -> Result<AmqpSink, OpenError> {
         content_type,
         headers,
         confirm_timeout: Duration::from_secs_f64(confirm_timeout),
+        cloudevents,
+        ce_prefix,
         link: Mutex::new(None),
         idle: std::sync::Mutex::new(Vec::new()),
         shown,
@@ -380,7 +411,20 @@ impl AmqpSink {
             .with_message_id(env.id.as_str().into())
             .with_app_id("evbridge".into())
             .with_type(env.name.as_str().into());
-        if self.headers {
+        if let Some(ce) = self
+            .cloudevents
+            .as_ref()
+            .filter(|ce| ce.mode == Mode::Binary)
+        {
+            let mut table = FieldTable::default();
+            for (name, value) in ce.attributes(env) {
+                table.insert(
+                    ShortString::from(format!("{}{name}", self.ce_prefix)),
+                    AMQPValue::LongString(LongString::from(value)),
+                );
+            }
+            props = props.with_headers(table);
+        } else if self.headers {
             let mut table = FieldTable::default();
             let mut put = |k: &str, v: &str| {
                 table.insert(
@@ -400,6 +444,16 @@ impl AmqpSink {
             props = props.with_headers(table);
         }
         props
+    }
+
+    /// The message body: the envelope JSON, or the CloudEvent's payload
+    /// (binary mode) or whole JSON form (structured mode).
+    fn body<'a>(&self, env: &'a Envelope) -> Cow<'a, [u8]> {
+        match &self.cloudevents {
+            None => Cow::Borrowed(env.json().as_ref()),
+            Some(ce) if ce.mode == Mode::Binary => Cow::Borrowed(env.payload.as_bytes()),
+            Some(ce) => Cow::Owned(ce.structured(env)),
+        }
     }
 
     fn routing_key_for(&self, env: &Envelope) -> String {
@@ -436,7 +490,7 @@ impl Sink for AmqpSink {
                     self.exchange.as_str().into(),
                     key.as_str().into(),
                     options,
-                    env.json().as_ref(),
+                    &self.body(env),
                     self.properties(env),
                 )
                 .await

@@ -5,9 +5,13 @@
 //! The record value is the envelope JSON (a superset of AccelByte's event),
 //! the key keeps each invocation's events in one partition by default, and
 //! headers carry `id`, `name`, `namespace`, `topic` and `content-type`.
+//! With `cloudevents=binary` the value is the payload and the headers are
+//! `ce_*` (Kafka binding); with `cloudevents=structured` the value is one
+//! `application/cloudevents+json` object.
 //! Idempotence is on by default, so retries neither duplicate nor reorder
 //! within a partition.
 
+use std::borrow::Cow;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -18,6 +22,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 
+use crate::cloudevents::{self, CloudEvents, Mode};
 use crate::template::Template;
 use crate::{BatchError, Envelope, OpenError, Options, Sink, SinkError};
 
@@ -28,6 +33,9 @@ const ACCEPTED: &[&str] = &[
     "acks",
     "compression",
     "idempotence",
+    "cloudevents",
+    "ce_source",
+    "ce_type",
     "rdkafka.<librdkafka property>",
 ];
 /// librdkafka properties whose values are secrets.
@@ -54,6 +62,7 @@ pub struct KafkaSink {
     prefix: Option<String>,
     key: Key,
     idempotent: bool,
+    cloudevents: Option<CloudEvents>,
     shown: String,
 }
 
@@ -196,6 +205,7 @@ pub fn open(raw: &str) -> Result<KafkaSink, OpenError> {
         // wait librdkafka's default five minutes with a broker down.
         .set("message.timeout.ms", "30000")
         .set("linger.ms", "5");
+    let cloudevents = CloudEvents::from_options(&mut opts)?;
     let secrets = connection(&mut config, credentials.as_ref(), &mut opts);
     opts.finish(ACCEPTED)?;
     let producer = create(&config).map_err(|e| {
@@ -215,6 +225,7 @@ pub fn open(raw: &str) -> Result<KafkaSink, OpenError> {
         topic,
         prefix,
         key,
+        cloudevents,
         shown,
     })
 }
@@ -353,6 +364,37 @@ impl KafkaSink {
     }
 }
 
+impl KafkaSink {
+    /// The record's value and headers: the envelope and its fields, or a
+    /// CloudEvent in the mode asked for.
+    fn value_and_headers<'a>(&self, env: &'a Envelope) -> (Cow<'a, [u8]>, OwnedHeaders) {
+        let Some(ce) = &self.cloudevents else {
+            return (Cow::Borrowed(env.json().as_ref()), headers(env));
+        };
+        let header = |hs: OwnedHeaders, key: &str, value: &str| {
+            hs.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            })
+        };
+        match ce.mode {
+            Mode::Structured => (
+                Cow::Owned(ce.structured(env)),
+                header(OwnedHeaders::new(), "content-type", cloudevents::STRUCTURED),
+            ),
+            Mode::Binary => {
+                let attrs = ce.attributes(env);
+                let mut hs = OwnedHeaders::new_with_capacity(attrs.len() + 1);
+                for (name, value) in &attrs {
+                    hs = header(hs, &format!("ce_{name}"), value);
+                }
+                hs = header(hs, "content-type", cloudevents::DATA_CONTENT_TYPE);
+                (Cow::Borrowed(env.payload.as_bytes()), hs)
+            }
+        }
+    }
+}
+
 fn headers(env: &Envelope) -> OwnedHeaders {
     fn h<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a [u8]> {
         Header {
@@ -381,9 +423,10 @@ impl Sink for KafkaSink {
         for (i, env) in batch.iter().enumerate() {
             let topic = self.topic_for(env);
             let key = self.key_for(env);
+            let (value, headers) = self.value_and_headers(env);
             let mut record = FutureRecord::to(&topic)
-                .payload(env.json().as_ref())
-                .headers(headers(env));
+                .payload(value.as_ref())
+                .headers(headers);
             if let Some(k) = &key {
                 record = record.key(k.as_bytes());
             }

@@ -20,6 +20,8 @@
 //!   when contiguous) and `amqp_in` (queue bound to an exchange, acks after
 //!   delivery) implement it.
 //! - `template`: `{namespace}.{name}`-style names for topics and keys.
+//! - `cloudevents`: CloudEvents 1.0 (binary or structured) output for the
+//!   Kafka and AMQP sinks.
 //!
 //! Each sink with a heavy dependency sits behind a cargo feature of its own.
 
@@ -33,6 +35,8 @@ mod amqp;
 #[cfg(feature = "amqp")]
 mod amqp_in;
 mod blackhole;
+#[cfg(any(feature = "kafka", feature = "amqp"))]
+mod cloudevents;
 mod envelope;
 mod error;
 #[cfg(feature = "grpc")]
