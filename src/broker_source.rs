@@ -141,3 +141,17 @@ pub fn name_filter(url: &str) -> Option<String> {
         .find(|(k, _)| k == "name")
         .map(|(_, v)| v.into_owned())
 }
+
+/// `--check` for a broker source: the broker answers and the topic or
+/// exchange is there (nothing is consumed).
+pub async fn probe(url: &str) -> Result<(), String> {
+    let inbound = evbridge_sinks::open_inbound(url)
+        .await
+        .map_err(|e| e.to_string())?;
+    let outcome = match tokio::time::timeout(Duration::from_secs(15), inbound.healthcheck()).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("no answer within 15s".into()),
+    };
+    inbound.close().await;
+    outcome
+}

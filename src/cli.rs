@@ -56,6 +56,16 @@ Examples:
   # Rejected for good? Keep it somewhere instead of blocking its notification
   evbridge --source grpc://127.0.0.1:8080 --sink kafka://k1:9092 --dead-letter stdout://
 
+  # A broker as the source: RabbitMQ queue (BonFIRE-style binding) into Kafka,
+  # each delivery acknowledged only after Kafka confirmed it
+  evbridge --source 'amqp://bridge:PASSWORD@mq:5672/ci?exchange=experiments&binding_key=experiment.%23&queue=to-kafka' \
+           --sink 'kafka://k1:9092/experiments'
+
+  # ...and the reverse: an AccelByte consumer group (ci.bridge) into RabbitMQ,
+  # offsets committed only after RabbitMQ confirmed, as CloudEvents
+  evbridge --source 'kafka://k1:9092/events?group=bridge&prefix=ci&offset=earliest' \
+           --sink 'amqp://bridge:PASSWORD@mq/ci?exchange=events&cloudevents=binary'
+
   # A local simulated cluster, for tests and benchmarks
   evbridge sim --listen 127.0.0.1:8080 --builds 100 --token secret
 
@@ -71,7 +81,13 @@ Sink URLs:
   none://                             same as blackhole://
   kafka://HOST:PORT[,HOST:PORT...]/TOPIC[?prefix=P&key=K&acks=A&compression=C&rdkafka.PROP=V]
   amqp[s]://USER:PASS@HOST:PORT/VHOST?exchange=E[&routing_key=T&declare=true|passive]
+  kafka and amqp also take cloudevents=binary|structured[&ce_source=T&ce_type=T] (amqp: &ce_prefix=P)
   grpc[s]://HOST:PORT[?window=N&ordered=true&timeout=S&ca=PATH]
+
+Source URLs (--source):
+  grpc[s]://HOST[:PORT]               an EngFlow cluster's notification queue (--queue)
+  kafka://HOST:PORT[,...]/TOPIC?group=G[&prefix=P&offset=earliest|latest&name=EVENT&rdkafka.PROP=V]
+  amqp[s]://USER:PASS@HOST:PORT/VHOST?exchange=E[&binding_key=K[,K...]&queue=Q&prefetch=N&name=EVENT]
   (passwords in URLs are never logged, but command lines are visible to other local users)
 
 Configuration file (--config FILE, TOML): every key is a long flag, e.g.
@@ -158,7 +174,7 @@ enum Replay {
 /// Flags of the bridge itself.
 #[derive(Debug, Args)]
 struct BridgeArgs {
-    /// EngFlow cluster: grpc://HOST[:PORT] or grpcs://HOST[:PORT].
+    /// EngFlow cluster (grpc[s]://HOST[:PORT]) or a broker (kafka://…, amqp[s]://…; see below).
     #[arg(long, alias = "notification_queue_endpoint", value_name = "URL")]
     source: Option<String>,
     /// Notification queue to pull.
@@ -508,7 +524,7 @@ fn bridge_config(args: &BridgeArgs, source: String) -> Result<BridgeConfig, Fail
 async fn run_bridge(args: BridgeArgs) -> Result<(), Failure> {
     let Some(source) = args.source.clone() else {
         return Err(Failure::usage(
-            "no source: give --source grpc://HOST[:PORT] or grpcs://HOST[:PORT] (or run `evbridge demo`)",
+            "no source: give --source grpc[s]://HOST[:PORT], kafka://… or amqp[s]://… (or run `evbridge demo`)",
         ));
     };
     let mut cfg = bridge_config(&args, source)?;
@@ -553,14 +569,22 @@ async fn check(cfg: &BridgeConfig, sinks: &[Arc<dyn Sink>]) -> Result<(), Failur
             println!("FAILED  {what}: {e}");
         }
     };
-    report(
-        format!(
-            "source {} (queue `{}`)",
-            evbridge_sinks::redact(&cfg.source.endpoint),
-            cfg.source.queue
-        ),
-        src::probe(&cfg.source).await,
-    );
+    let endpoint = &cfg.source.endpoint;
+    if crate::broker_source::is_broker_url(endpoint) {
+        report(
+            format!("source {}", evbridge_sinks::redact(endpoint)),
+            crate::broker_source::probe(endpoint).await,
+        );
+    } else {
+        report(
+            format!(
+                "source {} (queue `{}`)",
+                evbridge_sinks::redact(endpoint),
+                cfg.source.queue
+            ),
+            src::probe(&cfg.source).await,
+        );
+    }
     let all = sinks
         .iter()
         .map(|s| ("sink", s))

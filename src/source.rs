@@ -146,8 +146,9 @@ pub struct Channels {
 pub fn connect(cfg: &SourceConfig) -> Result<Channels, SourceError> {
     let url = url::Url::parse(&cfg.endpoint).map_err(|e| {
         SourceError::Config(format!(
-            "source `{}` is not a URL ({e}); accepted forms: grpc://HOST[:PORT], grpcs://HOST[:PORT]",
-            evbridge_sinks::redact(&cfg.endpoint)
+            "source `{}` is not a URL ({e}); accepted forms: grpc://HOST[:PORT], grpcs://HOST[:PORT], or a broker: {}",
+            evbridge_sinks::redact(&cfg.endpoint),
+            evbridge_sinks::ACCEPTED_SOURCES,
         ))
     })?;
     let tls = match url.scheme() {
@@ -155,14 +156,16 @@ pub fn connect(cfg: &SourceConfig) -> Result<Channels, SourceError> {
         "grpcs" => true,
         other => {
             return Err(SourceError::Config(format!(
-                "source scheme `{other}` is not supported; accepted forms: grpc://HOST[:PORT], grpcs://HOST[:PORT]"
+                "source scheme `{other}` is not supported; accepted forms: grpc://HOST[:PORT], grpcs://HOST[:PORT], or a broker: {}",
+                evbridge_sinks::ACCEPTED_SOURCES
             )));
         }
     };
     let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| {
         SourceError::Config(format!(
-            "source `{}` has no host; accepted forms: grpc://HOST[:PORT], grpcs://HOST[:PORT]",
-            evbridge_sinks::redact(&cfg.endpoint)
+            "source `{}` has no host; accepted forms: grpc://HOST[:PORT], grpcs://HOST[:PORT], or a broker: {}",
+            evbridge_sinks::redact(&cfg.endpoint),
+            evbridge_sinks::ACCEPTED_SOURCES,
         ))
     })?;
     if !matches!(url.path(), "" | "/") || url.query().is_some() {

@@ -151,7 +151,7 @@ fn spawn_bridge(args: &[&str]) -> (Killed, std::path::PathBuf) {
 fn tail(log: &std::path::Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     // Everything but the periodic stats lines, and the last of those.
-    let stats = text.lines().filter(|l| l.contains(" stats ")).last();
+    let stats = text.lines().rfind(|l| l.contains(" stats "));
     let lines: Vec<&str> = text
         .lines()
         .filter(|l| !l.contains(" stats "))

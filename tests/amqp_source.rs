@@ -132,3 +132,41 @@ async fn bonfire_messages_become_envelopes_and_are_acknowledged() {
     t.delete_queue(&queue).await;
     t.cleanup().await;
 }
+
+/// `evbridge --source amqp://… --check`: exit status and report lines.
+fn check(source: &str) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_evbridge"))
+        .args(["--source", source, "--sink", "none://", "--check"])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn check_looks_at_the_broker_without_consuming() {
+    let t = Topology::new(&[]).await;
+    let url = format!(
+        "{}?exchange={}&queue={}",
+        broker_url(),
+        t.exchange,
+        unique("evb-never")
+    );
+    let (ok, out) = tokio::task::spawn_blocking(move || check(&url))
+        .await
+        .unwrap();
+    assert!(ok, "{out}");
+    assert!(out.contains("ok      source amqp://guest:***@"), "{out}");
+    let url = format!("{}?exchange=evb-missing-{}", broker_url(), unique("x"));
+    let (ok, out) = tokio::task::spawn_blocking(move || check(&url))
+        .await
+        .unwrap();
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("FAILED  source") && out.contains("evb-missing-"),
+        "{out}"
+    );
+    t.cleanup().await;
+}

@@ -201,3 +201,30 @@ async fn bad_source_urls_name_the_problem() {
         assert!(err.contains(want), "{url}: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_looks_at_the_topic_without_consuming() {
+    let t = Tansu::start();
+    create_topic(&t.bootstrap(), "p.events", 1).await;
+    let run = |url: String| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_evbridge"))
+            .args(["--source", &url, "--sink", "none://", "--check"])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let url = source_url(&t, "g4", "");
+    let (ok, out) = tokio::task::spawn_blocking(move || run(url)).await.unwrap();
+    assert!(ok, "{out}");
+    assert!(out.contains("ok      source kafka://"), "{out}");
+    let url = format!("kafka://{}/absent?group=g", t.bootstrap());
+    let (ok, out) = tokio::task::spawn_blocking(move || run(url)).await.unwrap();
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("FAILED  source") && out.contains("absent"),
+        "{out}"
+    );
+}

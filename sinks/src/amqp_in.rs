@@ -282,6 +282,31 @@ impl Inbound for AmqpIn {
         self.up.load(Ordering::Acquire)
     }
 
+    async fn healthcheck(&self) -> Result<(), SinkError> {
+        let conn = self.endpoint.connect().await?;
+        let checked = async {
+            let ch = conn
+                .create_channel()
+                .await
+                .map_err(|e| SinkError::Retryable(e.to_string()))?;
+            // Only look: a check creates nothing.
+            let look = match self.declare {
+                Declare::Skip => Declare::Skip,
+                _ => Declare::Passive,
+            };
+            declare_exchange(&ch, &self.exchange, &self.kind, look)
+                .await
+                .map_err(|e| exchange_error(&self.exchange, &self.endpoint.vhost, look, e))
+        }
+        .await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            conn.close(200, "evbridge check".into()),
+        )
+        .await;
+        checked
+    }
+
     async fn close(&self) {
         self.up.store(false, Ordering::Release);
         if let Some(l) = self.live.lock().await.take() {

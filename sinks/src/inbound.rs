@@ -66,6 +66,10 @@ pub trait Inbound: Send + Sync + Debug {
     /// Connected and receiving (an assignment, a consumer on the queue).
     fn up(&self) -> bool;
 
+    /// Checks, without consuming, that the broker answers and what the
+    /// URL names (topic, exchange) exists.
+    async fn healthcheck(&self) -> Result<(), SinkError>;
+
     /// Commits what was acknowledged and leaves cleanly.
     async fn close(&self);
 }

@@ -300,6 +300,28 @@ impl Inbound for KafkaIn {
         self.consumer.context().assigned.load(Ordering::Acquire)
     }
 
+    async fn healthcheck(&self) -> Result<(), SinkError> {
+        let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
+        let metadata = tokio::task::spawn_blocking(move || {
+            consumer.fetch_metadata(Some(&topic), std::time::Duration::from_secs(10))
+        })
+        .await
+        .map_err(|e| SinkError::Retryable(e.to_string()))?
+        .map_err(|e| SinkError::Retryable(format!("metadata: {}", masked(&e, &self.secrets))))?;
+        match metadata.topics().first() {
+            Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(()),
+            Some(t) => Err(SinkError::Retryable(format!(
+                "topic `{}` is not readable: {:?}",
+                self.topic,
+                t.error()
+            ))),
+            None => Err(SinkError::Retryable(format!(
+                "topic `{}` not found",
+                self.topic
+            ))),
+        }
+    }
+
     async fn close(&self) {
         let consumer = self.consumer.clone();
         let shown = self.shown.clone();
