@@ -117,6 +117,7 @@ pub async fn run(
                 pipeline.clone(),
                 broker_source::name_filter(&cfg.source.endpoint),
                 cfg.source.shutdown_grace,
+                cfg.source.max_notifications,
             );
             (s.clone(), Box::pin(async move { s.run(shutdown).await }))
         }

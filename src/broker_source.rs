@@ -22,22 +22,28 @@ pub struct BrokerSource {
     /// Only envelopes of this name go on; the rest are acknowledged.
     name: Option<String>,
     grace: Duration,
+    /// Messages received and not yet acknowledged or given up: bounds
+    /// what a crash makes the broker deliver again.
+    in_progress: Arc<tokio::sync::Semaphore>,
     stats: SourceStats,
 }
 
 impl BrokerSource {
-    /// A source over `inbound`; `name` filters by envelope name.
+    /// A source over `inbound`; `name` filters by envelope name, at most
+    /// `max_in_progress` messages are handled at once.
     pub fn new(
         inbound: Arc<dyn Inbound>,
         pipeline: Arc<Pipeline>,
         name: Option<String>,
         grace: Duration,
+        max_in_progress: usize,
     ) -> Arc<Self> {
         Arc::new(BrokerSource {
             inbound,
             pipeline,
             name,
             grace,
+            in_progress: Arc::new(tokio::sync::Semaphore::new(max_in_progress.max(1))),
             stats: SourceStats::default(),
         })
     }
@@ -47,6 +53,10 @@ impl BrokerSource {
     pub async fn run(self: &Arc<Self>, mut shutdown: Shutdown) -> Result<(), SourceError> {
         info!(source = %self.inbound.describe(), "consuming");
         let result = loop {
+            let permit = tokio::select! {
+                p = self.in_progress.clone().acquire_owned() => p.expect("never closed"),
+                _ = shutdown.wait() => break Ok(()),
+            };
             let delivery = tokio::select! {
                 d = self.inbound.next() => d,
                 _ = shutdown.wait() => break Ok(()),
@@ -85,6 +95,7 @@ impl BrokerSource {
             let origin = d.origin;
             let ack = d.ack;
             tokio::spawn(async move {
+                let _permit = permit;
                 match tracker.finish().await {
                     Ok(()) => {
                         ack.ack().await;

@@ -133,6 +133,151 @@ async fn bonfire_messages_become_envelopes_and_are_acknowledged() {
     t.cleanup().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unconfirmed_deliveries_stay_queued_and_keep_their_ids() {
+    let t = Topology::new(&[]).await;
+    let queue = unique("evb-src");
+    let url = source_url(&t, &format!("&queue={queue}&prefetch=5"));
+
+    // First run: the sink confirms 10 envelopes, then stalls; the bridge
+    // is stopped with the rest unconfirmed.
+    let stall = StallAfter::new(10);
+    let (trigger, stop) = shutdown::channel();
+    let mut cfg = bridge_config(&url);
+    cfg.source.shutdown_grace = Duration::from_secs(1);
+    let run = tokio::spawn(bridge::run(cfg, vec![stall.clone()], stop));
+    t.wait_for_queue(&queue).await;
+    let want = bonfire_traffic(&t, 34).await;
+    let start = Instant::now();
+    while stall.confirmed() < 10 && start.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    trigger.fire();
+    let first = run.await.unwrap().unwrap();
+    assert_eq!(first.acked, 10, "{first:?}");
+    let offered = stall.offered();
+    assert!(
+        offered.len() > 10,
+        "the stalled sink was offered more than it confirmed"
+    );
+    // Closing the channel put every unacknowledged delivery back.
+    assert_eq!(t.ready(&queue).await as usize, want - 10);
+
+    // Second run: a working sink gets exactly what was left, and the
+    // envelopes offered before keep their ids (with or without a
+    // message id of their own).
+    let (sink, buf) = capture();
+    let (trigger, stop) = shutdown::channel();
+    let run = tokio::spawn(bridge::run(bridge_config(&url), vec![sink], stop));
+    let got = wait_for(&buf, want - 10, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    trigger.fire();
+    run.await.unwrap().unwrap();
+    let second: HashSet<String> = got
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().into())
+        .collect();
+    assert_eq!(second.len(), want - 10);
+    let unconfirmed: Vec<&String> = offered.iter().filter(|id| second.contains(*id)).collect();
+    assert_eq!(
+        unconfirmed.len(),
+        offered.len() - 10,
+        "every delivery offered but not confirmed came again with the same id"
+    );
+    assert_eq!(t.ready(&queue).await, 0);
+    t.delete_queue(&queue).await;
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_named_queue_and_a_name_filter() {
+    let t = Topology::new(&[]).await;
+    // No queue=: the broker names an exclusive queue. Probe with one
+    // message until the bridge receives it, then send the rest.
+    let (sink, buf) = capture();
+    let (trigger, stop) = shutdown::channel();
+    let run = tokio::spawn(bridge::run(
+        bridge_config(&source_url(&t, "&name=compute_state")),
+        vec![sink],
+        stop,
+    ));
+    t.ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let probe = json!({"timestamp": 1, "objectType": "compute", "eventType": "state",
+                       "objectId": "/probe"})
+    .to_string();
+    let start = Instant::now();
+    while buf.envelopes().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the bridge never consumed"
+        );
+        publish(
+            &t.ch,
+            &t.exchange,
+            "experiment.probe",
+            probe.as_bytes(),
+            Some("probe"),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bonfire_traffic(&t, 10).await;
+    let got = wait_for(&buf, 6, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    trigger.fire();
+    let summary = run.await.unwrap().unwrap();
+    let names: HashSet<&str> = got.iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!(names, HashSet::from(["compute_state"]));
+    let ids: HashSet<&str> = got.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        ids.len(),
+        6,
+        "the probe (one id however often sent) and 5 detailed"
+    );
+    // Filtered-out messages were acknowledged too: nothing is left behind.
+    assert_eq!(summary.acked, summary.notifications, "{summary:?}");
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn refusals_are_clear_errors_at_start() {
+    let t = Topology::new(&[]).await;
+    // Wrong password: refused for good, and the password is never shown.
+    let bad = broker_url().replace("guest:guest", "guest:hunter2");
+    let url = format!("{bad}?exchange={}", t.exchange);
+    let (_trigger, stop) = shutdown::channel();
+    let err = tokio::time::timeout(
+        Duration::from_secs(30),
+        bridge::run(bridge_config(&url), vec![capture().0], stop),
+    )
+    .await
+    .expect("a refusal ends the run")
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("ACCESS") || err.contains("refused"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+
+    // A missing exchange is named, with the hint.
+    let url = format!("{}?exchange=evb-missing-{}", broker_url(), unique("x"));
+    let (_trigger, stop) = shutdown::channel();
+    let err = tokio::time::timeout(
+        Duration::from_secs(30),
+        bridge::run(bridge_config(&url), vec![capture().0], stop),
+    )
+    .await
+    .expect("a refusal ends the run")
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("evb-missing-") && err.contains("declare=true"),
+        "{err}"
+    );
+    t.cleanup().await;
+}
+
 /// `evbridge --source amqp://… --check`: exit status and report lines.
 fn check(source: &str) -> (bool, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_evbridge"))
@@ -169,4 +314,95 @@ async fn check_looks_at_the_broker_without_consuming() {
         "{out}"
     );
     t.cleanup().await;
+}
+
+/// The real binary SIGKILLed three times mid-stream, RabbitMQ to RabbitMQ:
+/// deliveries it had not acknowledged come again, so the other exchange's
+/// queue ends up with every message and the source queue empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_loses_nothing() {
+    let from = Topology::new(&[]).await;
+    let to = Topology::new(&["#"]).await;
+    let queue = unique("evb-src");
+    let source = source_url(&from, &format!("&queue={queue}&prefetch=100"));
+    let sink = to.sink_url("");
+    let spawn = || {
+        common::process::Killed(
+            std::process::Command::new(env!("CARGO_BIN_EXE_evbridge"))
+                .args([
+                    "--source",
+                    &source,
+                    "--sink",
+                    &sink,
+                    "--sink",
+                    "blackhole://?rate=300",
+                ])
+                .env("RUST_LOG", "error")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut first = spawn();
+    from.wait_for_queue(&queue).await;
+    from.ch
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    const N: usize = 1500;
+    let messages: Vec<(String, Vec<u8>, String)> = (0..N)
+        .map(|i| {
+            let body = json!({"timestamp": 1_795_564_800 + i, "type": "job",
+                              "status": "done", "path": format!("/jobs/{i}")});
+            (
+                "experiment.job".into(),
+                body.to_string().into_bytes(),
+                format!("k-{i}"),
+            )
+        })
+        .collect();
+    publish_all(&from.ch, &from.exchange, &messages).await;
+    let mut before = N as u32;
+    for round in 0..3 {
+        if round > 0 {
+            first = spawn();
+        }
+        // Kill it once it has taken a few hundred messages.
+        let start = Instant::now();
+        while from.ready(&queue).await + 200 > before {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "no progress in round {round}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        first.0.kill().unwrap(); // SIGKILL
+        first.0.wait().unwrap();
+        // The broker notices the dead connection and requeues.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let left = from.ready(&queue).await;
+        eprintln!("kill {}: {left} messages left", round + 1);
+        assert!(left > 0, "the kill must come mid-stream");
+        before = left;
+    }
+    let mut last = spawn();
+    let got = to.drain("#", N).await;
+    let ids: HashSet<&str> = got.iter().map(|(v, _)| v["id"].as_str().unwrap()).collect();
+    eprintln!(
+        "after 3 kills: {} distinct of {N}, {} duplicates",
+        ids.len(),
+        got.len() - ids.len()
+    );
+    assert_eq!(ids.len(), N, "lost messages");
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &last.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    assert!(last.0.wait().unwrap().success(), "clean exit on SIGTERM");
+    assert_eq!(from.ready(&queue).await, 0, "everything acknowledged");
+    from.delete_queue(&queue).await;
+    from.cleanup().await;
+    to.cleanup().await;
 }

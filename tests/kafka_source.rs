@@ -1,7 +1,8 @@
 //! Kafka as the source, against a real Kafka-protocol broker (tansu):
 //! records written by an independent librdkafka producer come out as
 //! envelopes, offsets are committed only for what every sink confirmed,
-//! and a bridge stopped abruptly mid-stream loses nothing.
+//! a rebalance or a bridge stopped abruptly (SIGKILL) mid-stream loses
+//! nothing.
 
 mod common;
 
@@ -227,4 +228,149 @@ async fn check_looks_at_the_topic_without_consuming() {
         out.contains("FAILED  source") && out.contains("absent"),
         "{out}"
     );
+}
+
+/// Two bridges in one consumer group: the second joining makes the group
+/// rebalance mid-stream (partitions move while records are in flight), and
+/// together they still deliver every record and commit to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_mid_stream_loses_nothing() {
+    let t = Tansu::start();
+    create_topic(&t.bootstrap(), "p.events", 4).await;
+    let recs = records(800, "rb");
+    let ends = produce(&t.bootstrap(), "p.events", &recs).await;
+    let url = source_url(&t, "g5", "");
+    // A slow second sink keeps records in flight when the group rebalances.
+    let slow = || evbridge::sinks::open("blackhole://?rate=100");
+
+    let (sink_a, buf_a) = capture();
+    let (trigger_a, stop_a) = shutdown::channel();
+    let a = tokio::spawn(bridge::run(
+        bridge_config(&url),
+        vec![sink_a, slow().await.unwrap()],
+        stop_a,
+    ));
+    wait_for(&buf_a, 50, Duration::from_secs(60)).await;
+    let (sink_b, buf_b) = capture();
+    let (trigger_b, stop_b) = shutdown::channel();
+    let b = tokio::spawn(bridge::run(
+        bridge_config(&url),
+        vec![sink_b, slow().await.unwrap()],
+        stop_b,
+    ));
+
+    let start = Instant::now();
+    let all = loop {
+        let ids: HashSet<String> = buf_a
+            .envelopes()
+            .iter()
+            .chain(buf_b.envelopes().iter())
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect();
+        let (committed, end) = committed_and_end(&t.bootstrap(), "p.g5", "p.events", &ends);
+        if (ids.len() == recs.len() && committed == end)
+            || start.elapsed() > Duration::from_secs(120)
+        {
+            break ids;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    trigger_a.fire();
+    trigger_b.fire();
+    let (sa, sb) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
+    eprintln!(
+        "rebalance: bridge A took {} records, B {}; {} distinct of {}",
+        sa.notifications,
+        sb.notifications,
+        all.len(),
+        recs.len()
+    );
+    assert_eq!(all.len(), recs.len(), "every record delivered");
+    assert!(sb.notifications > 0, "the second bridge got partitions");
+    let (committed, end) = committed_and_end(&t.bootstrap(), "p.g5", "p.events", &ends);
+    assert_eq!(committed, end);
+}
+
+/// The real binary SIGKILLed three times mid-stream, Kafka to Kafka: what
+/// it had not committed is read again, so the output topic ends up with
+/// every record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_loses_nothing() {
+    let t = Tansu::start();
+    create_topic(&t.bootstrap(), "p.events", 2).await;
+    create_topic(&t.bootstrap(), "out", 2).await;
+    let recs = records(1500, "kill");
+    let ends = produce(&t.bootstrap(), "p.events", &recs).await;
+    let spawn = || {
+        common::process::Killed(
+            std::process::Command::new(env!("CARGO_BIN_EXE_evbridge"))
+                .args([
+                    "--source",
+                    &source_url(&t, "g6", ""),
+                    "--sink",
+                    &format!("kafka://{}/out", t.bootstrap()),
+                    "--sink",
+                    "blackhole://?rate=500",
+                ])
+                .env("RUST_LOG", "error")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut before = 0;
+    for round in 0..3 {
+        let mut bridge = spawn();
+        // Kill it once it is making progress (a restarted member first
+        // waits for the killed one's session to time out).
+        let start = Instant::now();
+        loop {
+            let (committed, _) = committed_and_end(&t.bootstrap(), "p.g6", "p.events", &ends);
+            if committed > before {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "no progress in round {round}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        bridge.0.kill().unwrap(); // SIGKILL
+        bridge.0.wait().unwrap();
+        let (committed, end) = committed_and_end(&t.bootstrap(), "p.g6", "p.events", &ends);
+        eprintln!("kill {}: committed {committed} of {end}", round + 1);
+        assert!(committed < end, "the kill must come mid-stream");
+        before = committed;
+    }
+    let _last = spawn();
+    let start = Instant::now();
+    loop {
+        let (committed, end) = committed_and_end(&t.bootstrap(), "p.g6", "p.events", &ends);
+        if committed == end {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "committed {committed} of {end}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (b, want) = (t.bootstrap(), recs.len());
+    let out = tokio::task::spawn_blocking(move || {
+        consume(&b, &["out".to_string()], want, Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    let ids: HashSet<&str> = out
+        .iter()
+        .map(|r| r.value["id"].as_str().unwrap())
+        .collect();
+    eprintln!(
+        "after 3 kills: {} distinct of {want}, {} duplicates",
+        ids.len(),
+        out.len() - ids.len()
+    );
+    assert_eq!(ids.len(), want, "lost records");
 }
