@@ -8,11 +8,11 @@
 mod common;
 
 use std::collections::HashSet;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::brokers::*;
-use common::process::Killed;
+use common::process::{Killed, spawn_throttled};
 use common::rabbit::*;
 use common::*;
 use lapin::options::ConfirmSelectOptions;
@@ -133,19 +133,12 @@ async fn restart_rabbitmq(down_for: Duration) -> StartAppOnDrop {
     guard
 }
 
-/// The real binary with `args`; its log goes to a file whose tail is
-/// shown when an assertion fails.
-fn spawn_bridge(args: &[&str]) -> (Killed, std::path::PathBuf) {
+/// The real binary from `source` to `sink` and a blackhole at 250/s (which
+/// keeps the run going while RabbitMQ restarts); its log goes to a file
+/// whose tail is shown when an assertion fails.
+fn spawn_bridge(source: &str, sink: &str) -> (Killed, std::path::PathBuf) {
     let log = std::env::temp_dir().join(format!("{}.log", unique("evb-bridge")));
-    let child = Command::new(env!("CARGO_BIN_EXE_evbridge"))
-        .args(args)
-        .args(["--stats-interval", "1"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    (Killed(child), log)
+    (spawn_throttled(source, sink, 250, Some(&log)), log)
 }
 
 fn tail(log: &std::path::Path) -> String {
@@ -207,15 +200,7 @@ async fn amqp_to_kafka_loses_nothing_across_a_rabbitmq_restart() {
         t.exchange
     );
     let sink = format!("kafka://{}/bridged", kafka.bootstrap());
-    // The slow second sink keeps the run going while RabbitMQ restarts.
-    let (bridge, log) = spawn_bridge(&[
-        "--source",
-        &source,
-        "--sink",
-        &sink,
-        "--sink",
-        "blackhole://?rate=250",
-    ]);
+    let (bridge, log) = spawn_bridge(&source, &sink);
     t.wait_for_queue(&queue).await;
     t.ch.confirm_select(ConfirmSelectOptions::default())
         .await
@@ -300,14 +285,7 @@ async fn kafka_to_amqp_loses_nothing_across_a_rabbitmq_restart() {
         kafka.bootstrap()
     );
     let sink = t.sink_url("&confirm_timeout=5");
-    let (bridge, log) = spawn_bridge(&[
-        "--source",
-        &source,
-        "--sink",
-        &sink,
-        "--sink",
-        "blackhole://?rate=250",
-    ]);
+    let (bridge, log) = spawn_bridge(&source, &sink);
     let queue = t.queues["#"].clone();
     let start = Instant::now();
     while (t.ready(&queue).await as usize) < 200 {

@@ -248,29 +248,28 @@ async fn refusals_are_clear_errors_at_start() {
     // Wrong password: refused for good, and the password is never shown.
     let bad = broker_url().replace("guest:guest", "guest:hunter2");
     let url = format!("{bad}?exchange={}", t.exchange);
-    let (_trigger, stop) = shutdown::channel();
-    let err = tokio::time::timeout(
-        Duration::from_secs(30),
-        bridge::run(bridge_config(&url), vec![capture().0], stop),
-    )
-    .await
-    .expect("a refusal ends the run")
-    .unwrap_err()
-    .to_string();
+    let refused = |url: String| async move {
+        let (_trigger, stop) = shutdown::channel();
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            bridge::run(bridge_config(&url), vec![capture().0], stop),
+        )
+        .await
+        .expect("a refusal ends the run")
+        .unwrap_err()
+        .to_string()
+    };
+    let err = refused(url).await;
     assert!(err.contains("ACCESS") || err.contains("refused"), "{err}");
     assert!(!err.contains("hunter2"), "{err}");
 
     // A missing exchange is named, with the hint.
-    let url = format!("{}?exchange=evb-missing-{}", broker_url(), unique("x"));
-    let (_trigger, stop) = shutdown::channel();
-    let err = tokio::time::timeout(
-        Duration::from_secs(30),
-        bridge::run(bridge_config(&url), vec![capture().0], stop),
-    )
-    .await
-    .expect("a refusal ends the run")
-    .unwrap_err()
-    .to_string();
+    let err = refused(format!(
+        "{}?exchange=evb-missing-{}",
+        broker_url(),
+        unique("x")
+    ))
+    .await;
     assert!(
         err.contains("evb-missing-") && err.contains("declare=true"),
         "{err}"
@@ -326,24 +325,7 @@ async fn sigkill_mid_stream_loses_nothing() {
     let queue = unique("evb-src");
     let source = source_url(&from, &format!("&queue={queue}&prefetch=100"));
     let sink = to.sink_url("");
-    let spawn = || {
-        common::process::Killed(
-            std::process::Command::new(env!("CARGO_BIN_EXE_evbridge"))
-                .args([
-                    "--source",
-                    &source,
-                    "--sink",
-                    &sink,
-                    "--sink",
-                    "blackhole://?rate=300",
-                ])
-                .env("RUST_LOG", "error")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    };
+    let spawn = || common::process::spawn_throttled(&source, &sink, 300, None);
     let mut first = spawn();
     from.wait_for_queue(&queue).await;
     from.ch

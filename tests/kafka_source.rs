@@ -301,24 +301,11 @@ async fn sigkill_mid_stream_loses_nothing() {
     create_topic(&t.bootstrap(), "out", 2).await;
     let recs = records(1500, "kill");
     let ends = produce(&t.bootstrap(), "p.events", &recs).await;
-    let spawn = || {
-        common::process::Killed(
-            std::process::Command::new(env!("CARGO_BIN_EXE_evbridge"))
-                .args([
-                    "--source",
-                    &source_url(&t, "g6", ""),
-                    "--sink",
-                    &format!("kafka://{}/out", t.bootstrap()),
-                    "--sink",
-                    "blackhole://?rate=500",
-                ])
-                .env("RUST_LOG", "error")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    };
+    let (source, sink) = (
+        source_url(&t, "g6", ""),
+        format!("kafka://{}/out", t.bootstrap()),
+    );
+    let spawn = || common::process::spawn_throttled(&source, &sink, 500, None);
     let mut before = 0;
     for round in 0..3 {
         let mut bridge = spawn();

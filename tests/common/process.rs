@@ -68,3 +68,28 @@ pub fn spawn_sim(args: &[&str]) -> SimProcess {
         .to_string();
     SimProcess { child, url }
 }
+
+/// The bridge binary bridging `source` to `sink` plus a throttled
+/// blackhole (`rate` envelopes/s), which keeps messages in flight long
+/// enough for a fault to land mid-stream. Quiet unless it is given a log.
+pub fn spawn_throttled(
+    source: &str,
+    sink: &str,
+    rate: u32,
+    log: Option<&std::path::Path>,
+) -> Killed {
+    let stderr = match log {
+        Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+        None => Stdio::null(),
+    };
+    let child = Command::new(env!("CARGO_BIN_EXE_evbridge"))
+        .args(["--source", source, "--sink", sink, "--sink"])
+        .arg(format!("blackhole://?rate={rate}"))
+        .args(["--stats-interval", "1"])
+        .env("RUST_LOG", if log.is_some() { "info" } else { "error" })
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    Killed(child)
+}

@@ -157,18 +157,7 @@ pub async fn publish(ch: &Channel, exchange: &str, key: &str, body: &[u8], id: O
 impl Topology {
     /// Ready messages in `queue`.
     pub async fn ready(&self, queue: &str) -> u32 {
-        self.ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap()
-            .message_count()
+        passive(&self.ch, queue).await.unwrap().message_count()
     }
 
     /// Waits until `queue` exists (each probe on a channel of its own: a
@@ -177,17 +166,7 @@ impl Topology {
         let start = Instant::now();
         loop {
             let ch = self.conn.create_channel().await.unwrap();
-            let probe = ch
-                .queue_declare(
-                    queue.into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await;
-            if probe.is_ok() {
+            if passive(&ch, queue).await.is_ok() {
                 let _ = ch.close(200, "".into()).await;
                 return;
             }
@@ -231,4 +210,14 @@ pub async fn publish_all(ch: &Channel, exchange: &str, messages: &[(String, Vec<
     for c in confirms {
         assert!(c.await.unwrap().is_ack());
     }
+}
+
+/// Looks `queue` up without creating it.
+async fn passive(ch: &Channel, queue: &str) -> lapin::Result<lapin::Queue> {
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    ch.queue_declare(queue.into(), options, FieldTable::default())
+        .await
 }
