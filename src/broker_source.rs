@@ -14,6 +14,7 @@ use crate::ingest::{self, Record};
 use crate::pipeline::Pipeline;
 use crate::shutdown::Shutdown;
 use crate::source::{SourceError, SourceStats, Upstream};
+use crate::telemetry;
 
 /// Reads a broker and feeds the pipeline.
 pub struct BrokerSource {
@@ -26,6 +27,16 @@ pub struct BrokerSource {
     /// what a crash makes the broker deliver again.
     in_progress: Arc<tokio::sync::Semaphore>,
     stats: SourceStats,
+    meters: Meters,
+}
+
+/// The source's metric handles (the EngFlow source's names: a message
+/// counts as a notification).
+struct Meters {
+    received: metrics::Counter,
+    acked: metrics::Counter,
+    unacked: metrics::Counter,
+    ack_seconds: metrics::Histogram,
 }
 
 impl BrokerSource {
@@ -45,6 +56,12 @@ impl BrokerSource {
             grace,
             in_progress: Arc::new(tokio::sync::Semaphore::new(max_in_progress.max(1))),
             stats: SourceStats::default(),
+            meters: Meters {
+                received: metrics::counter!(telemetry::RECEIVED),
+                acked: metrics::counter!(telemetry::ACKED),
+                unacked: metrics::counter!(telemetry::UNACKED),
+                ack_seconds: metrics::histogram!(telemetry::ACK_SECONDS),
+            },
         })
     }
 
@@ -70,7 +87,9 @@ impl BrokerSource {
                     )));
                 }
             };
+            let received_at = Instant::now();
             self.stats.received.fetch_add(1, Ordering::Relaxed);
+            self.meters.received.increment(1);
             let out = ingest::envelope(&Record {
                 body: &d.body,
                 key: d.key.as_deref(),
@@ -86,6 +105,7 @@ impl BrokerSource {
                 // Not ours to deliver: done with it.
                 d.ack.ack().await;
                 self.stats.acks_sent.fetch_add(1, Ordering::Relaxed);
+                self.meters.acked.increment(1);
                 continue;
             }
             let tracker = self.pipeline.tracker();
@@ -100,9 +120,16 @@ impl BrokerSource {
                     Ok(()) => {
                         ack.ack().await;
                         me.stats.acks_sent.fetch_add(1, Ordering::Relaxed);
+                        me.meters.acked.increment(1);
+                        me.meters
+                            .ack_seconds
+                            .record(received_at.elapsed().as_secs_f64());
                     }
                     // Left unacknowledged: the broker delivers it again.
-                    Err(reasons) => warn!(%origin, ?reasons, "not acknowledged"),
+                    Err(reasons) => {
+                        me.meters.unacked.increment(1);
+                        warn!(%origin, ?reasons, "not acknowledged");
+                    }
                 }
                 me.stats.in_progress.fetch_sub(1, Ordering::Relaxed);
             });

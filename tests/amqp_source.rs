@@ -388,3 +388,81 @@ async fn sigkill_mid_stream_loses_nothing() {
     from.cleanup().await;
     to.cleanup().await;
 }
+
+/// The source queue deleted under the running binary: the broker cancels
+/// the consumer, the bridge declares and binds the queue again and goes on
+/// consuming; `/metrics` counts the messages and `/readyz` is ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_queue_is_bound_again_and_metrics_count_messages() {
+    use common::http;
+    let from = Topology::new(&[]).await;
+    let to = Topology::new(&["#"]).await;
+    let queue = unique("evb-src");
+    let port = common::brokers::free_port();
+    let source = source_url(&from, &format!("&queue={queue}"));
+    let mut bridge = common::process::Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_evbridge"))
+            .args(["--source", &source, "--sink", &to.sink_url("")])
+            .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    from.wait_for_queue(&queue).await;
+    from.ch
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let batch = |range: std::ops::Range<usize>| -> Vec<(String, Vec<u8>, String)> {
+        range
+            .map(|i| {
+                let body = json!({"timestamp": 1_795_564_800, "type": "node",
+                                  "status": "up", "path": format!("/nodes/{i}")});
+                (
+                    "experiment.node".into(),
+                    body.to_string().into_bytes(),
+                    format!("n-{i}"),
+                )
+            })
+            .collect()
+    };
+    publish_all(&from.ch, &from.exchange, &batch(0..100)).await;
+    assert_eq!(to.drain("#", 100).await.len(), 100);
+    let ready = move || http::wait_for(port, "/readyz", "ready", |status, _| status == 200);
+    tokio::task::spawn_blocking(ready).await.unwrap();
+
+    from.delete_queue(&queue).await;
+    from.wait_for_queue(&queue).await;
+    publish_all(&from.ch, &from.exchange, &batch(100..200)).await;
+    let got = to.drain("#", 100).await;
+    let ids: HashSet<&str> = got.iter().map(|(v, _)| v["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        ids.len(),
+        100,
+        "consuming again after the queue was re-declared"
+    );
+
+    tokio::task::spawn_blocking(ready).await.unwrap();
+    let metrics = tokio::task::spawn_blocking(move || http::get(port, "/metrics").unwrap().1)
+        .await
+        .unwrap();
+    assert_eq!(
+        http::sample(&metrics, "evbridge_notifications_received_total"),
+        200.0
+    );
+    assert_eq!(
+        http::sample(&metrics, "evbridge_notifications_acked_total"),
+        200.0
+    );
+    assert_eq!(http::sample(&metrics, "evbridge_source_up"), 1.0);
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &bridge.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success() && bridge.0.wait().unwrap().success());
+    from.delete_queue(&queue).await;
+    from.cleanup().await;
+    to.cleanup().await;
+}

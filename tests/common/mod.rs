@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod brokers;
+pub mod http;
 pub mod pki;
 pub mod process;
 #[cfg(feature = "amqp")]
