@@ -237,9 +237,7 @@ pub fn sanitize_name(name: &str) -> String {
 }
 
 fn origin_id(origin: &str) -> String {
-    Uuid::new_v5(&RECORD_ID_NAMESPACE, origin.as_bytes())
-        .simple()
-        .to_string()
+    crate::normalize::v5_simple(&RECORD_ID_NAMESPACE, origin.as_bytes())
 }
 
 fn unix_rfc3339(secs: f64) -> Option<String> {

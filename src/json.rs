@@ -58,6 +58,15 @@ impl JsonWriter {
         }
     }
 
+    /// A writer appending to `out` (taken over; [`Self::finish`] gives it
+    /// back), so a payload can be written straight into an envelope.
+    pub fn over(out: String) -> Self {
+        JsonWriter {
+            out,
+            ..Self::default()
+        }
+    }
+
     /// The JSON text and the reasons parts were left raw.
     pub fn finish(self) -> (String, Vec<String>) {
         (self.out, self.problems)

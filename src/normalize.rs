@@ -164,7 +164,6 @@ impl Normalizer {
             attributes.insert("command_name".into(), cmd.to_string());
         }
 
-        let (payload, problems) = payload_json(&l, &keywords);
         let fetch = match &l.kind {
             Some(Kind::InvocationFinished(i)) => Some(Invocation {
                 notification_id: n.id.clone(),
@@ -175,8 +174,14 @@ impl Normalizer {
             }),
             _ => None,
         };
+        let mut problems = Vec::new();
+        let envelope = Envelope::with_payload(
+            event(name, namespace, key, attributes, Payload::default()),
+            PAYLOAD_HINT,
+            |out| problems = write_payload(out, &l, &keywords),
+        );
         Lifecycle {
-            envelope: Envelope::new(event(name, namespace, key, attributes, payload)),
+            envelope,
             fetch,
             problems,
         }
@@ -217,8 +222,8 @@ impl Normalizer {
 
         // The continuation token is transport state, not content: the
         // generated encoder leaves it out.
-        let (payload, problems) = payload_json(ev, &keywords);
-        let envelope = Envelope::new(Event {
+        let mut problems = Vec::new();
+        let event = Event {
             id: build_event_id(&inv.invocation_id, seq),
             name: name.into(),
             namespace: instance_or_default(&inv.instance),
@@ -227,7 +232,10 @@ impl Normalizer {
             topic: self.topics.build_events.clone(),
             key: inv.invocation_id.clone(),
             attributes,
-            payload,
+            payload: Payload::default(),
+        };
+        let envelope = Envelope::with_payload(event, PAYLOAD_HINT, |out| {
+            problems = write_payload(out, ev, &keywords);
         });
         BuildEvent { envelope, problems }
     }
@@ -243,10 +251,14 @@ fn raw_any_json(type_url: &str, value: &[u8], problem: &str) -> Payload {
     Payload::trusted(w.finish().0)
 }
 
-/// The message's JSON with the parsed keywords added as `parsedKeywords`
-/// (the last member), and what was left raw inside it.
-fn payload_json<T: ProtoJson>(msg: &T, keywords: &Keywords) -> (Payload, Vec<String>) {
-    let mut w = JsonWriter::with_capacity(4096);
+/// Room reserved for a payload's JSON (most are 0.5–2 KB).
+const PAYLOAD_HINT: usize = 2048;
+
+/// Appends the message's JSON, with the parsed keywords added as
+/// `parsedKeywords` (the last member), to `out`; returns what was left raw
+/// inside it.
+fn write_payload<T: ProtoJson>(out: &mut String, msg: &T, keywords: &Keywords) -> Vec<String> {
+    let mut w = JsonWriter::over(std::mem::take(out));
     w.begin_object();
     msg.write_members(&mut w);
     if !keywords.is_empty() {
@@ -255,7 +267,8 @@ fn payload_json<T: ProtoJson>(msg: &T, keywords: &Keywords) -> (Payload, Vec<Str
     }
     w.end_object();
     let (text, problems) = w.finish();
-    (Payload::trusted(text), problems)
+    *out = text;
+    problems
 }
 
 /// Keywords such as `command_name=test` and
@@ -354,10 +367,10 @@ fn instance_or_default(instance: &str) -> String {
 /// The envelope id of a notification: its UUID as 32 hex digits (the
 /// AccelByte form), or a v5 UUID of it when it is not a UUID.
 pub fn notification_envelope_id(notification_id: &str) -> String {
-    Uuid::parse_str(notification_id)
-        .unwrap_or_else(|_| Uuid::new_v5(&ID_NAMESPACE, notification_id.as_bytes()))
-        .simple()
-        .to_string()
+    match Uuid::parse_str(notification_id) {
+        Ok(u) => u.simple().to_string(),
+        Err(_) => v5_simple(&ID_NAMESPACE, notification_id.as_bytes()),
+    }
 }
 
 /// The envelope id of the `seq`-th event of an invocation.
@@ -366,11 +379,46 @@ pub fn build_event_id(invocation_id: &str, seq: u64) -> String {
     name.push_str(invocation_id);
     name.push('/');
     name.push_str(itoa::Buffer::new().format(seq));
+    v5_simple(&ID_NAMESPACE, name.as_bytes())
+}
+
+/// The v5 UUID (RFC 9562) of `name` in `namespace` as 32 lowercase hex
+/// digits, exactly `Uuid::new_v5(namespace, name).simple()`, hashed by
+/// the `sha1` crate, which uses the CPU's SHA instructions where it has
+/// them (the SHA-1 inside `uuid` is portable code, several times slower).
+pub fn v5_simple(namespace: &Uuid, name: &[u8]) -> String {
+    use sha1::{Digest, Sha1};
+    let mut hasher = Sha1::new();
+    hasher.update(namespace.as_bytes());
+    hasher.update(name);
+    let digest = hasher.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    bytes[6] = (bytes[6] & 0x0f) | 0x50; // version 5
+    bytes[8] = (bytes[8] & 0x3f) | 0x80; // RFC 9562 variant
     let mut hex = [0u8; 32];
-    Uuid::new_v5(&ID_NAMESPACE, name.as_bytes())
+    Uuid::from_bytes(bytes)
         .simple()
         .encode_lower(&mut hex)
         .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v5_ids_match_the_uuid_crate() {
+        let names: [&[u8]; 5] = [b"", b"a", b"inv-1/0", &[0xff; 200], "ünïcode/42".as_bytes()];
+        for ns in [ID_NAMESPACE, Uuid::NAMESPACE_URL] {
+            for name in names {
+                assert_eq!(
+                    v5_simple(&ns, name),
+                    Uuid::new_v5(&ns, name).simple().to_string()
+                );
+            }
+        }
+    }
 }
 
 fn now_rfc3339() -> String {

@@ -55,6 +55,14 @@ enum Text {
     Sealed(Bytes),
 }
 
+impl Default for Payload {
+    /// No payload yet (what [`Envelope::with_payload`] fills in); not
+    /// itself JSON.
+    fn default() -> Self {
+        Payload(Text::Sealed(Bytes::new()))
+    }
+}
+
 impl PartialEq for Payload {
     fn eq(&self, other: &Self) -> bool {
         self.as_bytes() == other.as_bytes()
@@ -210,43 +218,41 @@ pub fn push_rfc3339(out: &mut String, seconds: i64, nanos: u32) -> bool {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    // All in range: four-digit year, two-digit fields.
+    // All in range: four-digit year, two-digit fields. Written into a
+    // stack buffer and appended once.
     let field = |v: i64| v as u32;
-    push_digits(out, field(year), 4);
-    out.push('-');
-    push_digits(out, field(month), 2);
-    out.push('-');
-    push_digits(out, field(day), 2);
-    out.push('T');
-    push_digits(out, field(secs / 3600), 2);
-    out.push(':');
-    push_digits(out, field(secs / 60 % 60), 2);
-    out.push(':');
-    push_digits(out, field(secs % 60), 2);
-    if nanos == 0 {
+    let mut buf = *b"0000-00-00T00:00:00.000000000Z";
+    put_digits(&mut buf[0..4], field(year));
+    put_digits(&mut buf[5..7], field(month));
+    put_digits(&mut buf[8..10], field(day));
+    put_digits(&mut buf[11..13], field(secs / 3600));
+    put_digits(&mut buf[14..16], field(secs / 60 % 60));
+    put_digits(&mut buf[17..19], field(secs % 60));
+    let len = if nanos == 0 {
+        19
     } else if nanos % 1_000_000 == 0 {
-        out.push('.');
-        push_digits(out, nanos / 1_000_000, 3);
+        put_digits(&mut buf[20..23], nanos / 1_000_000);
+        23
     } else if nanos % 1_000 == 0 {
-        out.push('.');
-        push_digits(out, nanos / 1_000, 6);
+        put_digits(&mut buf[20..26], nanos / 1_000);
+        26
     } else {
-        out.push('.');
-        push_digits(out, nanos, 9);
-    }
-    out.push('Z');
+        put_digits(&mut buf[20..29], nanos);
+        29
+    };
+    buf[len] = b'Z';
+    // Digits and punctuation only: always ASCII.
+    out.push_str(std::str::from_utf8(&buf[..=len]).unwrap_or_default());
     true
 }
 
-/// `value`'s last `width` (at most 9) decimal digits, zero-padded.
-fn push_digits(out: &mut String, mut value: u32, width: usize) {
-    let mut buf = [b'0'; 9];
-    let digits = &mut buf[..width.min(9)];
-    for slot in digits.iter_mut().rev() {
-        *slot = b'0' + (value % 10) as u8;
+/// Fills `slot` with `value`'s last `slot.len()` decimal digits,
+/// zero-padded.
+fn put_digits(slot: &mut [u8], mut value: u32) {
+    for d in slot.iter_mut().rev() {
+        *d = b'0' + (value % 10) as u8;
         value /= 10;
     }
-    out.push_str(std::str::from_utf8(digits).unwrap_or_default());
 }
 
 /// An [`Event`] with its JSON encoded once, so fan-out to several sinks
@@ -264,6 +270,20 @@ impl Envelope {
     /// Seals an event: encodes its JSON once (written directly, the same
     /// bytes serde would write for [`Event`]).
     pub fn new(mut event: Event) -> Self {
+        let payload = std::mem::take(&mut event.payload);
+        let hint = payload.as_bytes().len();
+        Self::with_payload(event, hint, |out| out.push_str(&payload.text()))
+    }
+
+    /// Seals an event whose payload `write` appends straight into the
+    /// envelope's JSON (one JSON value, from an encoder of this project, as
+    /// for [`Payload::trusted`]), saving a buffer and a copy per envelope;
+    /// `event.payload` is ignored and `payload_hint` sizes the buffer.
+    pub fn with_payload(
+        mut event: Event,
+        payload_hint: usize,
+        write: impl FnOnce(&mut String),
+    ) -> Self {
         let e = &event;
         let attrs: usize = e
             .attributes
@@ -278,7 +298,7 @@ impl Envelope {
                 + e.topic.len()
                 + e.key.len()
                 + attrs
-                + e.payload.as_bytes().len(),
+                + payload_hint,
         );
         let member = |out: &mut String, name: &str, value: &str| {
             out.push_str(name);
@@ -306,11 +326,16 @@ impl Envelope {
         }
         out.push_str(",\"payload\":");
         let start = out.len();
-        out.push_str(&e.payload.text());
+        write(&mut out);
         let end = out.len();
+        debug_assert!(
+            serde_json::from_str::<serde::de::IgnoredAny>(&out[start..end]).is_ok(),
+            "payload is not JSON: {}",
+            &out[start..end]
+        );
         out.push('}');
         let json = Bytes::from(out.into_bytes());
-        // The payload's own buffer is freed; it now points into the JSON.
+        // The payload points into the JSON: no second copy.
         event.payload = Payload(Text::Sealed(json.slice(start..end)));
         Envelope { event, json }
     }
