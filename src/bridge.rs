@@ -118,6 +118,7 @@ pub async fn run(
                 broker_source::name_filter(&cfg.source.endpoint),
                 cfg.source.shutdown_grace,
                 cfg.source.max_notifications,
+                cfg.health_interval,
             );
             (s.clone(), Box::pin(async move { s.run(shutdown).await }))
         }

@@ -28,6 +28,9 @@ pub struct BrokerSource {
     in_progress: Arc<tokio::sync::Semaphore>,
     stats: SourceStats,
     meters: Meters,
+    /// Why the last liveness check failed; `None` while it passes.
+    dead: std::sync::Mutex<Option<String>>,
+    check_every: Duration,
 }
 
 /// The source's metric handles (the EngFlow source's names: a message
@@ -41,13 +44,15 @@ struct Meters {
 
 impl BrokerSource {
     /// A source over `inbound`; `name` filters by envelope name, at most
-    /// `max_in_progress` messages are handled at once.
+    /// `max_in_progress` messages are handled at once, and the broker's
+    /// liveness is checked every `check_every`.
     pub fn new(
         inbound: Arc<dyn Inbound>,
         pipeline: Arc<Pipeline>,
         name: Option<String>,
         grace: Duration,
         max_in_progress: usize,
+        check_every: Duration,
     ) -> Arc<Self> {
         Arc::new(BrokerSource {
             inbound,
@@ -62,6 +67,8 @@ impl BrokerSource {
                 unacked: metrics::counter!(telemetry::UNACKED),
                 ack_seconds: metrics::histogram!(telemetry::ACK_SECONDS),
             },
+            dead: std::sync::Mutex::new(None),
+            check_every,
         })
     }
 
@@ -69,6 +76,7 @@ impl BrokerSource {
     /// for what is in flight and commits it.
     pub async fn run(self: &Arc<Self>, mut shutdown: Shutdown) -> Result<(), SourceError> {
         info!(source = %self.inbound.describe(), "consuming");
+        tokio::spawn(self.clone().watch(shutdown.clone()));
         let result = loop {
             let permit = tokio::select! {
                 p = self.in_progress.clone().acquire_owned() => p.expect("never closed"),
@@ -150,18 +158,61 @@ impl BrokerSource {
     }
 }
 
+impl BrokerSource {
+    /// Checks the broker's liveness every `check_every` until shutdown; a
+    /// check that takes longer than 10 s counts as failed.
+    async fn watch(self: Arc<Self>, mut shutdown: Shutdown) {
+        loop {
+            let outcome = match tokio::time::timeout(
+                Duration::from_secs(10),
+                self.inbound.liveness(),
+            )
+            .await
+            {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err("no answer within 10s".into()),
+            };
+            {
+                let mut dead = self.dead.lock().unwrap_or_else(|p| p.into_inner());
+                match (&*dead, &outcome) {
+                    (Some(_), Ok(())) => {
+                        info!(source = %self.inbound.describe(), "source reachable again")
+                    }
+                    (None, Err(e)) => {
+                        warn!(source = %self.inbound.describe(), error = %e, "source not reachable")
+                    }
+                    _ => {}
+                }
+                *dead = outcome.err();
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.check_every) => {}
+                _ = shutdown.wait() => return,
+            }
+        }
+    }
+}
+
 impl Upstream for BrokerSource {
     fn stats(&self) -> &SourceStats {
         &self.stats
     }
     fn open_streams(&self) -> usize {
-        usize::from(self.inbound.up())
+        let alive = self
+            .dead
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none();
+        usize::from(self.inbound.up() && alive)
     }
     fn in_progress(&self) -> usize {
         self.stats.in_progress.load(Ordering::Relaxed)
     }
     fn down_reason(&self) -> String {
-        format!("{} is not consuming", self.inbound.describe())
+        match &*self.dead.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => format!("{} is not reachable: {e}", self.inbound.describe()),
+            None => format!("{} is not consuming", self.inbound.describe()),
+        }
     }
 }
 

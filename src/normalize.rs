@@ -403,6 +403,16 @@ pub fn v5_simple(namespace: &Uuid, name: &[u8]) -> String {
         .to_string()
 }
 
+fn now_rfc3339() -> String {
+    rfc3339(&prost_types::Timestamp::from(std::time::SystemTime::now()))
+}
+
+fn rfc3339(t: &prost_types::Timestamp) -> String {
+    let mut s = String::with_capacity(30);
+    crate::json::push_timestamp(&mut s, t);
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,14 +429,4 @@ mod tests {
             }
         }
     }
-}
-
-fn now_rfc3339() -> String {
-    rfc3339(&prost_types::Timestamp::from(std::time::SystemTime::now()))
-}
-
-fn rfc3339(t: &prost_types::Timestamp) -> String {
-    let mut s = String::with_capacity(30);
-    crate::json::push_timestamp(&mut s, t);
-    s
 }

@@ -361,3 +361,40 @@ async fn sigkill_mid_stream_loses_nothing() {
     );
     assert_eq!(ids.len(), want, "lost records");
 }
+
+/// `/readyz` follows the Kafka broker behind a source: a consumer keeps
+/// its assignment through an outage, so the bridge checks the topic
+/// itself (`--health-interval`) and reports the source, then ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_source_broker() {
+    use common::http;
+    let mut t = Tansu::start();
+    create_topic(&t.bootstrap(), "p.events", 1).await;
+    produce(&t.bootstrap(), "p.events", &records(10, "ready")).await;
+    let port = free_port();
+    let _bridge = common::process::Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_evbridge"))
+            .args(["--source", &source_url(&t, "g7", ""), "--sink", "none://"])
+            .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
+            .args(["--health-interval", "0.5"])
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let readyz = move |want: u16| {
+        tokio::task::spawn_blocking(move || {
+            http::wait_for(port, "/readyz", "readiness", |status, _| status == want)
+        })
+    };
+    readyz(200).await.unwrap();
+    t.kill();
+    let body = readyz(503).await.unwrap();
+    // Named either by the liveness check (not reachable) or because the
+    // consumer lost its assignment (not consuming), whichever comes first.
+    assert!(body.contains("source: kafka://127.0.0.1"), "{body}");
+    t.restart();
+    create_topic(&t.bootstrap(), "p.events", 1).await;
+    readyz(200).await.unwrap();
+}

@@ -70,6 +70,13 @@ pub trait Inbound: Send + Sync + Debug {
     /// URL names (topic, exchange) exists.
     async fn healthcheck(&self) -> Result<(), SinkError>;
 
+    /// Checked periodically while running, for readiness: sources whose
+    /// [`Inbound::up`] cannot see the broker going away (a Kafka consumer
+    /// keeps its assignment through an outage) override it.
+    async fn liveness(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+
     /// Commits what was acknowledged and leaves cleanly.
     async fn close(&self);
 }

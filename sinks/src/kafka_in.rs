@@ -301,6 +301,10 @@ impl Inbound for KafkaIn {
         self.consumer.context().assigned.load(Ordering::Acquire)
     }
 
+    async fn liveness(&self) -> Result<(), SinkError> {
+        self.healthcheck().await
+    }
+
     async fn healthcheck(&self) -> Result<(), SinkError> {
         let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
         let metadata = tokio::task::spawn_blocking(move || {
