@@ -398,3 +398,58 @@ async fn readiness_follows_the_source_broker() {
     create_topic(&t.bootstrap(), "p.events", 1).await;
     readyz(200).await.unwrap();
 }
+
+/// `offset=latest`: a new group starts at the end of the topic, so what
+/// was there before it joined is not delivered, and what comes after is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offset_latest_starts_at_the_end() {
+    let t = Tansu::start();
+    create_topic(&t.bootstrap(), "p.events", 1).await;
+    let old = records(20, "old");
+    let ends = produce(&t.bootstrap(), "p.events", &old).await;
+    let old_end = ends[&0];
+    let (sink, buf) = capture();
+    let (trigger, stop) = shutdown::channel();
+    let url = source_url(&t, "g8", "").replace("offset=earliest", "offset=latest");
+    let run = tokio::spawn(bridge::run(bridge_config(&url), vec![sink], stop));
+    // Until the group has joined, new records may land before its start:
+    // send probes until one arrives.
+    let start = Instant::now();
+    let mut probes = 0;
+    while buf.envelopes().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(60), "nothing arrived");
+        let probe = json!({"id": format!("{:032x}", 0xbeef_0000u64 + probes), "name": "probe",
+                           "namespace": "new", "payload": {}});
+        produce(
+            &t.bootstrap(),
+            "p.events",
+            &[("p".into(), probe.to_string().into_bytes())],
+        )
+        .await;
+        probes += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let fresh = records(15, "new");
+    produce(&t.bootstrap(), "p.events", &fresh).await;
+    let got = wait_for(&buf, 1 + fresh.len(), Duration::from_secs(30)).await;
+    trigger.fire();
+    run.await.unwrap().unwrap();
+    for e in &got {
+        let offset: i64 = e["attributes"]["kafka_offset"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            offset >= old_end,
+            "offset {offset} was there before the group joined"
+        );
+    }
+    let new = got
+        .iter()
+        .filter(|e| e["namespace"] == "new" && e["name"] != "probe")
+        .count();
+    assert!(new >= fresh.len() - 6, "{new}"); // BonFIRE/raw records have no namespace
+    let ids: HashSet<&str> = got.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert!(ids.len() >= 1 + fresh.len(), "{}", ids.len());
+}
