@@ -116,6 +116,10 @@ struct Counters {
 pub struct Sim {
     cfg: SimConfig,
     world: World,
+    /// Invocation and build ids → their index in `world`: a lookup per
+    /// GetInvocation, not a scan of every invocation.
+    invocation_index: std::collections::HashMap<String, usize>,
+    build_index: std::collections::HashMap<String, usize>,
     queue: Queue,
     counters: Counters,
 }
@@ -128,9 +132,19 @@ impl Sim {
         if cfg.rate <= 0.0 && !cfg.hold {
             queue.release(usize::MAX);
         }
+        let index = |ids: Vec<&String>| {
+            ids.into_iter()
+                .enumerate()
+                .map(|(i, id)| (id.clone(), i))
+                .collect()
+        };
+        let invocation_index = index(world.invocations.iter().map(|i| &i.id).collect());
+        let build_index = index(world.builds.iter().map(|b| &b.id).collect());
         Arc::new(Sim {
             cfg,
             world,
+            invocation_index,
+            build_index,
             queue,
             counters: Counters::default(),
         })
@@ -553,10 +567,9 @@ impl es::event_store_server::EventStore for Service {
         let req = self.admit(req, |r| &r.invocation_id, "invocation_id")?;
         let found = self
             .sim
-            .world
-            .invocations
-            .iter()
-            .position(|i| i.id == req.invocation_id)
+            .invocation_index
+            .get(&req.invocation_id)
+            .copied()
             .filter(|&i| self.sim.stored(i).0 > 0);
         let Some(inv) = found else {
             return Err(Status::not_found(format!(
@@ -583,10 +596,9 @@ impl es::event_store_server::EventStore for Service {
         let req = self.admit(req, |r| &r.build_id, "build_id")?;
         let Some(b) = self
             .sim
-            .world
-            .builds
-            .iter()
-            .position(|b| b.id == req.build_id)
+            .build_index
+            .get(&req.build_id)
+            .copied()
             .filter(|&b| self.sim.queue.stats().released > self.sim.world.builds[b].started_at)
         else {
             return Err(Status::not_found(format!("no build {}", req.build_id)));
