@@ -49,6 +49,43 @@ pub struct Invocation {
     pub invocation_id: String,
     /// Time of the notification, used when an event has none.
     pub timestamp: String,
+    /// The notification's keywords, parsed and rendered once: its events
+    /// usually carry the same ones.
+    pub keywords: std::sync::Arc<RenderedKeywords>,
+}
+
+/// Keywords with what every envelope derives from them, computed once.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RenderedKeywords {
+    /// The keywords as given.
+    pub raw: Vec<String>,
+    /// `command_name=…`, for the `command_name` attribute.
+    pub command_name: Option<String>,
+    /// The `parsedKeywords` object (empty when there are none).
+    pub json: String,
+}
+
+impl RenderedKeywords {
+    /// Parses and renders `raw`.
+    pub fn new(raw: &[String]) -> Self {
+        Self::from_parsed(raw, &Keywords::parse(raw))
+    }
+
+    /// Renders `keywords`, parsed from `raw`.
+    pub fn from_parsed(raw: &[String], keywords: &Keywords) -> Self {
+        let json = if keywords.is_empty() {
+            String::new()
+        } else {
+            let mut w = JsonWriter::with_capacity(256);
+            keywords.write(&mut w);
+            w.finish().0
+        };
+        RenderedKeywords {
+            raw: raw.to_vec(),
+            command_name: keywords.command_name.map(str::to_string),
+            json,
+        }
+    }
 }
 
 /// A lifecycle envelope and what else the notification asks for.
@@ -171,14 +208,24 @@ impl Normalizer {
                 build_id: l.build_id.clone(),
                 invocation_id: i.invocation_id.clone(),
                 timestamp: timestamp.clone(),
+                keywords: std::sync::Arc::new(RenderedKeywords::from_parsed(
+                    &l.keywords,
+                    &keywords,
+                )),
             }),
             _ => None,
+        };
+        // Rendered once for an invocation (its events reuse it), else
+        // written as the payload is.
+        let keywords_json = match &fetch {
+            Some(inv) => KeywordsJson::Rendered(&inv.keywords.json),
+            None => KeywordsJson::Parsed(&keywords),
         };
         let mut problems = Vec::new();
         let envelope = Envelope::with_payload(
             event(name, namespace, key, attributes, Payload::default()),
             PAYLOAD_HINT,
-            |out| problems = write_payload(out, &l, &keywords),
+            |out| problems = write_payload(out, &l, keywords_json),
         );
         Lifecycle {
             envelope,
@@ -202,7 +249,19 @@ impl Normalizer {
         let timestamp = build_event
             .and_then(|b| b.event_time)
             .map_or_else(|| inv.timestamp.clone(), |t| rfc3339(&t));
-        let keywords = Keywords::parse(progress.map_or(&[][..], |p| &p.notification_keywords));
+        let raw_keywords = progress.map_or(&[][..], |p| &p.notification_keywords);
+        // The invocation's keywords, parsed once, unless this event has
+        // others.
+        let fresh;
+        let (command_name, keywords_json) = if raw_keywords == inv.keywords.raw.as_slice() {
+            (
+                inv.keywords.command_name.as_deref(),
+                KeywordsJson::Rendered(&inv.keywords.json),
+            )
+        } else {
+            fresh = Keywords::parse(raw_keywords);
+            (fresh.command_name, KeywordsJson::Parsed(&fresh))
+        };
 
         let mut attributes = BTreeMap::from([
             ("notification_id".to_string(), inv.notification_id.clone()),
@@ -216,7 +275,7 @@ impl Normalizer {
         if !ev.principal.is_empty() {
             attributes.insert("principal".into(), ev.principal.clone());
         }
-        if let Some(cmd) = keywords.command_name {
+        if let Some(cmd) = command_name {
             attributes.insert("command_name".into(), cmd.to_string());
         }
 
@@ -235,7 +294,7 @@ impl Normalizer {
             payload: Payload::default(),
         };
         let envelope = Envelope::with_payload(event, PAYLOAD_HINT, |out| {
-            problems = write_payload(out, ev, &keywords);
+            problems = write_payload(out, ev, keywords_json);
         });
         BuildEvent { envelope, problems }
     }
@@ -254,16 +313,31 @@ fn raw_any_json(type_url: &str, value: &[u8], problem: &str) -> Payload {
 /// Room reserved for a payload's JSON (most are 0.5–2 KB).
 const PAYLOAD_HINT: usize = 2048;
 
+/// The `parsedKeywords` of a payload: to write, or already written.
+#[derive(Clone, Copy)]
+enum KeywordsJson<'a> {
+    Parsed(&'a Keywords<'a>),
+    /// Rendered JSON; empty for no keywords.
+    Rendered(&'a str),
+}
+
 /// Appends the message's JSON, with the parsed keywords added as
 /// `parsedKeywords` (the last member), to `out`; returns what was left raw
 /// inside it.
-fn write_payload<T: ProtoJson>(out: &mut String, msg: &T, keywords: &Keywords) -> Vec<String> {
+fn write_payload<T: ProtoJson>(out: &mut String, msg: &T, keywords: KeywordsJson) -> Vec<String> {
     let mut w = JsonWriter::over(std::mem::take(out));
     w.begin_object();
     msg.write_members(&mut w);
-    if !keywords.is_empty() {
-        w.key("parsedKeywords");
-        keywords.write(&mut w);
+    match keywords {
+        KeywordsJson::Parsed(k) if !k.is_empty() => {
+            w.key("parsedKeywords");
+            k.write(&mut w);
+        }
+        KeywordsJson::Rendered(json) if !json.is_empty() => {
+            w.key("parsedKeywords");
+            w.raw(json);
+        }
+        _ => {}
     }
     w.end_object();
     let (text, problems) = w.finish();

@@ -289,6 +289,42 @@ fn keywords_become_structured() {
     );
 }
 
+/// An event's keywords are its own: the invocation's (parsed once) are
+/// used only when they are the same.
+#[test]
+fn an_event_with_other_keywords_keeps_them() {
+    let inv = invocation();
+    let same = streamed(bazel(test_result().encode_to_vec()));
+    let mut other = same.clone();
+    if let Some(p) = other.event.as_mut() {
+        p.notification_keywords = vec!["command_name=coverage".into(), "x=1".into()];
+    }
+    let norm = Normalizer::default();
+    let (a, b) = (
+        norm.build_event(&inv, 1, &same),
+        norm.build_event(&inv, 2, &other),
+    );
+    let payload =
+        |e: &Envelope| -> serde_json::Value { serde_json::from_str(&e.payload.text()).unwrap() };
+    assert_eq!(a.envelope.attributes["command_name"], "test");
+    assert_eq!(
+        payload(&a.envelope)["parsedKeywords"]["commandName"],
+        "test"
+    );
+    assert_eq!(b.envelope.attributes["command_name"], "coverage");
+    assert_eq!(
+        payload(&b.envelope)["parsedKeywords"],
+        serde_json::json!({"commandName": "coverage", "other": {"x": "1"}})
+    );
+    let mut none = same.clone();
+    if let Some(p) = none.event.as_mut() {
+        p.notification_keywords.clear();
+    }
+    let c = norm.build_event(&inv, 3, &none);
+    assert!(!c.envelope.attributes.contains_key("command_name"));
+    assert!(payload(&c.envelope).get("parsedKeywords").is_none());
+}
+
 /// Random bytes, truncations and nesting in every decodable position:
 /// never a panic, always one envelope with valid JSON.
 #[test]
