@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use evbridge_sinks::Inbound;
+use evbridge_sinks::{Delivery, Inbound};
 use tracing::{debug, info, warn};
 
 use crate::ingest::{self, Record};
@@ -15,6 +15,10 @@ use crate::pipeline::Pipeline;
 use crate::shutdown::Shutdown;
 use crate::source::{SourceError, SourceStats, Upstream};
 use crate::telemetry;
+
+/// How long a message some sink rejected for good is held before it is
+/// handed back to its broker.
+const REJECT_PAUSE: Duration = Duration::from_secs(5);
 
 /// Reads a broker and feeds the pipeline.
 pub struct BrokerSource {
@@ -78,8 +82,14 @@ impl BrokerSource {
         info!(source = %self.inbound.describe(), "consuming");
         tokio::spawn(self.clone().watch(shutdown.clone()));
         let result = loop {
-            let permit = tokio::select! {
-                p = self.in_progress.clone().acquire_owned() => p.expect("never closed"),
+            // Room first (a message in progress, an envelope in the
+            // pipeline), so a full pipeline never keeps shutdown waiting.
+            let room = async {
+                let permit = self.in_progress.clone().acquire_owned().await;
+                (permit.expect("never closed"), self.pipeline.reserve().await)
+            };
+            let (permit, slot) = tokio::select! {
+                r = room => r,
                 _ = shutdown.wait() => break Ok(()),
             };
             let delivery = tokio::select! {
@@ -98,30 +108,37 @@ impl BrokerSource {
             let received_at = Instant::now();
             self.stats.received.fetch_add(1, Ordering::Relaxed);
             self.meters.received.increment(1);
+            let Delivery {
+                body,
+                key,
+                origin,
+                topic,
+                timestamp,
+                attributes,
+                ack,
+            } = d;
             let out = ingest::envelope(&Record {
-                body: &d.body,
-                key: d.key.as_deref(),
-                origin: d.origin.clone(),
-                topic: &d.topic,
-                timestamp: d.timestamp.clone(),
-                attributes: d.attributes.clone(),
+                body: &body,
+                key: key.as_deref(),
+                origin: origin.clone(),
+                topic: &topic,
+                timestamp,
+                attributes,
             });
             if let Some(problem) = &out.problem {
-                warn!(id = %out.envelope.id, origin = %d.origin, %problem, "record wrapped raw");
+                warn!(id = %out.envelope.id, %origin, %problem, "record wrapped raw");
             }
             if self.name.as_ref().is_some_and(|n| *n != out.envelope.name) {
                 // Not ours to deliver: done with it.
-                d.ack.ack().await;
+                ack.ack().await;
                 self.stats.acks_sent.fetch_add(1, Ordering::Relaxed);
                 self.meters.acked.increment(1);
                 continue;
             }
             let tracker = self.pipeline.tracker();
             self.stats.in_progress.fetch_add(1, Ordering::Relaxed);
-            self.pipeline.submit(&tracker, out.envelope).await;
+            self.pipeline.submit_in(slot, &tracker, out.envelope);
             let me = self.clone();
-            let origin = d.origin;
-            let ack = d.ack;
             tokio::spawn(async move {
                 let _permit = permit;
                 match tracker.finish().await {
@@ -133,10 +150,14 @@ impl BrokerSource {
                             .ack_seconds
                             .record(received_at.elapsed().as_secs_f64());
                     }
-                    // Left unacknowledged: the broker delivers it again.
+                    // Not acknowledged: handed back after a pause (so a
+                    // message rejected for good does not spin), and the
+                    // broker delivers it again.
                     Err(reasons) => {
                         me.meters.unacked.increment(1);
-                        warn!(%origin, ?reasons, "not acknowledged");
+                        warn!(%origin, ?reasons, "not acknowledged; handed back in {REJECT_PAUSE:?}");
+                        tokio::time::sleep(REJECT_PAUSE).await;
+                        ack.reject().await;
                     }
                 }
                 me.stats.in_progress.fetch_sub(1, Ordering::Relaxed);

@@ -66,11 +66,6 @@ pub struct RenderedKeywords {
 }
 
 impl RenderedKeywords {
-    /// Parses and renders `raw`.
-    pub fn new(raw: &[String]) -> Self {
-        Self::from_parsed(raw, &Keywords::parse(raw))
-    }
-
     /// Renders `keywords`, parsed from `raw`.
     pub fn from_parsed(raw: &[String], keywords: &Keywords) -> Self {
         let json = if keywords.is_empty() {

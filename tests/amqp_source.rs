@@ -466,3 +466,74 @@ async fn a_deleted_queue_is_bound_again_and_metrics_count_messages() {
     from.cleanup().await;
     to.cleanup().await;
 }
+
+/// Rejects the first envelope it sees for good, confirms everything else.
+#[derive(Debug, Default)]
+struct RejectFirst {
+    seen: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl evbridge::sinks::Sink for RejectFirst {
+    fn describe(&self) -> &str {
+        "reject-first://"
+    }
+    async fn send(
+        &self,
+        batch: &[std::sync::Arc<evbridge::sinks::Envelope>],
+    ) -> Result<(), evbridge::sinks::BatchError> {
+        let mut seen = self.seen.lock().unwrap();
+        for (i, env) in batch.iter().enumerate() {
+            seen.push(env.id.clone());
+            if seen.len() == 1 {
+                return Err(evbridge::sinks::BatchError::new(
+                    i,
+                    evbridge::sinks::SinkError::Permanent("not this one".into()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A message some sink rejected for good is handed back (nack, requeue)
+/// after a pause: with a prefetch of 1 the queue would otherwise stall
+/// behind it; it comes again and, accepted this time, is acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_message_is_handed_back_and_delivered_again() {
+    let t = Topology::new(&[]).await;
+    let queue = unique("evb-src");
+    let sink = std::sync::Arc::new(RejectFirst::default());
+    let (trigger, stop) = shutdown::channel();
+    let url = source_url(&t, &format!("&queue={queue}&prefetch=1"));
+    let run = tokio::spawn(bridge::run(bridge_config(&url), vec![sink.clone()], stop));
+    t.wait_for_queue(&queue).await;
+    t.ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let messages: Vec<(String, Vec<u8>, String)> = (0..4)
+        .map(|i| {
+            let body = json!({"type": "job", "status": "done", "path": format!("/r/{i}")});
+            (
+                "experiment.r".into(),
+                body.to_string().into_bytes(),
+                format!("r-{i}"),
+            )
+        })
+        .collect();
+    publish_all(&t.ch, &t.exchange, &messages).await;
+    let start = Instant::now();
+    while sink.seen.lock().unwrap().len() < 5 && start.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    trigger.fire();
+    let summary = run.await.unwrap().unwrap();
+    let seen = sink.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 5, "four messages, the first twice: {seen:?}");
+    assert_eq!(seen.iter().filter(|id| **id == seen[0]).count(), 2);
+    assert_eq!(summary.acked, 4, "{summary:?}");
+    assert_eq!(t.ready(&queue).await, 0);
+    t.delete_queue(&queue).await;
+    t.cleanup().await;
+}

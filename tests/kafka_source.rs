@@ -60,6 +60,15 @@ async fn records_become_envelopes_and_offsets_are_committed() {
         stop,
     ));
     let got = wait_for(&buf, recs.len(), Duration::from_secs(60)).await;
+    // A rebalance under load (the machine shared with other tests) makes
+    // records in flight count for nothing and come again: wait until the
+    // commit has caught up rather than assume none happened.
+    let start = Instant::now();
+    while committed_and_end(&t.bootstrap(), "p.g1", "p.events", &ends).0 < recs.len() as i64
+        && start.elapsed() < Duration::from_secs(60)
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     trigger.fire();
     let summary = run.await.unwrap().unwrap();
 
@@ -92,8 +101,8 @@ async fn records_become_envelopes_and_offsets_are_committed() {
     let raw: Vec<&Value> = got.iter().filter(|e| e["name"] == "raw_record").collect();
     assert_eq!(raw.len(), 1);
     assert_eq!(raw[0]["payload"]["value"], "/25vdCBqc29u");
-    assert_eq!(summary.notifications, recs.len() as u64);
-    assert_eq!(summary.acked, recs.len() as u64);
+    assert!(summary.notifications >= recs.len() as u64, "{summary:?}");
+    assert!(summary.acked >= recs.len() as u64, "{summary:?}");
 
     // Everything was confirmed, so everything is committed for group p.g1.
     let (committed, end) = committed_and_end(&t.bootstrap(), "p.g1", "p.events", &ends);

@@ -17,7 +17,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_core::Stream;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, Consumer, ExchangeKind};
@@ -222,6 +223,16 @@ impl Ack for AmqpAck {
         // message back and delivers it again.
         if let Err(e) = self.0.ack(BasicAckOptions::default()).await {
             tracing::debug!(error = %e, "ack not sent; the broker will redeliver");
+        }
+    }
+
+    async fn reject(self: Box<Self>) {
+        let requeue = BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        };
+        if let Err(e) = self.0.nack(requeue).await {
+            tracing::debug!(error = %e, "nack not sent; the broker will redeliver");
         }
     }
 }

@@ -51,6 +51,11 @@ pub trait Ack: Send + Sync {
     /// Marks the message done: Kafka commits up to the lowest offset still
     /// in progress, AMQP acks the delivery tag.
     async fn ack(self: Box<Self>);
+
+    /// Gives the message back undone (some sink rejected it for good):
+    /// AMQP requeues it now; Kafka commits nothing past it, so it is read
+    /// again after a restart or rebalance.
+    async fn reject(self: Box<Self>) {}
 }
 
 /// A broker consumer.

@@ -53,18 +53,17 @@ struct Offsets {
 impl Offsets {
     /// Notes a record handed out; returns the generation to ack under.
     fn open(&self, topic: &str, partition: i32, offset: i64) -> u64 {
-        let generation = self.generation.load(Ordering::Acquire);
         let mut parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
-        let p = parts.entry((topic.to_string(), partition)).or_default();
-        if p.generation != generation {
-            *p = Partition {
+        let generation = self.generation.load(Ordering::Acquire);
+        let p = parts
+            .entry((topic.to_string(), partition))
+            .or_insert_with(|| Partition {
                 generation,
                 ..Partition::default()
-            };
-        }
+            });
         p.open.insert(offset);
         p.next = p.next.max(offset + 1);
-        generation
+        p.generation
     }
 
     /// Marks a record done; returns the last offset now safe to commit
@@ -79,16 +78,20 @@ impl Offsets {
         (safe > offset || p.open.is_empty()).then_some(safe - 1)
     }
 
-    /// A rebalance: everything in flight belongs to the old assignment.
-    fn forget(&self) {
+    /// Partitions taken away by a rebalance: their records in flight no
+    /// longer count (the new owner reads them again). Partitions kept (an
+    /// incremental rebalance) keep their state.
+    fn revoke(&self, revoked: &[(String, i32)]) {
+        let mut parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
         self.generation.fetch_add(1, Ordering::AcqRel);
-        self.parts.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        for key in revoked {
+            parts.remove(key);
+        }
     }
 }
 
 struct Context {
     offsets: Arc<Offsets>,
-    assigned: AtomicBool,
     shown: String,
 }
 
@@ -98,8 +101,12 @@ impl ConsumerContext for Context {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             tracing::info!(source = %self.shown, partitions = tpl.count(), "partitions revoked");
-            self.assigned.store(false, Ordering::Release);
-            self.offsets.forget();
+            let revoked: Vec<(String, i32)> = tpl
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_string(), e.partition()))
+                .collect();
+            self.offsets.revoke(&revoked);
         }
     }
 
@@ -107,8 +114,6 @@ impl ConsumerContext for Context {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 tracing::info!(source = %self.shown, partitions = tpl.count(), "partitions assigned");
-                self.offsets.forget();
-                self.assigned.store(tpl.count() > 0, Ordering::Release);
             }
             Rebalance::Error(e) => {
                 tracing::warn!(source = %self.shown, error = %e, "rebalance failed")
@@ -121,6 +126,10 @@ impl ConsumerContext for Context {
 /// Consumes one topic in a consumer group.
 pub struct KafkaIn {
     consumer: Arc<StreamConsumer<Context>>,
+    /// Joined the group yet: only on the first [`Inbound::next`], so that
+    /// `--check` looks at the topic without joining (and rebalancing) the
+    /// group of running bridges.
+    subscribed: AtomicBool,
     offsets: Arc<Offsets>,
     topic: String,
     secrets: Vec<String>,
@@ -133,8 +142,8 @@ impl std::fmt::Debug for KafkaIn {
     }
 }
 
-/// Parses a `kafka://` source URL and subscribes (librdkafka connects and
-/// joins the group in the background).
+/// Parses a `kafka://` source URL and creates the consumer (it joins the
+/// group on the first [`Inbound::next`]).
 pub fn open(raw: &str) -> Result<KafkaIn, OpenError> {
     let shown = crate::redact(raw);
     let invalid = |reason: String| OpenError::Invalid {
@@ -186,7 +195,6 @@ pub fn open(raw: &str) -> Result<KafkaIn, OpenError> {
     let offsets = Arc::new(Offsets::default());
     let context = Context {
         offsets: offsets.clone(),
-        assigned: AtomicBool::new(false),
         shown: shown.clone(),
     };
     let consumer: StreamConsumer<Context> =
@@ -199,14 +207,9 @@ pub fn open(raw: &str) -> Result<KafkaIn, OpenError> {
                     masked(&e, &secrets)
                 ),
             })?;
-    consumer
-        .subscribe(&[&topic])
-        .map_err(|e| OpenError::Invalid {
-            url: shown.clone(),
-            reason: format!("cannot subscribe to `{topic}`: {}", masked(&e, &secrets)),
-        })?;
     Ok(KafkaIn {
         consumer: Arc::new(consumer),
+        subscribed: AtomicBool::new(false),
         offsets,
         topic,
         secrets,
@@ -250,13 +253,24 @@ impl Inbound for KafkaIn {
     }
 
     async fn next(&self) -> Result<Delivery, SinkError> {
+        if !self.subscribed.swap(true, Ordering::AcqRel) {
+            self.consumer.subscribe(&[&self.topic]).map_err(|e| {
+                SinkError::Permanent(format!(
+                    "cannot subscribe to `{}`: {}",
+                    self.topic,
+                    masked(&e, &self.secrets)
+                ))
+            })?;
+        }
+        let mut backoff = std::time::Duration::from_millis(200);
         loop {
             let msg = match self.consumer.recv().await {
                 Ok(m) => m,
                 Err(e) => {
                     // librdkafka reconnects by itself; report and go on.
-                    tracing::warn!(source = %self.shown, error = %masked(&e, &self.secrets), "Kafka consumer error");
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    tracing::warn!(source = %self.shown, error = %masked(&e, &self.secrets), retry_in = ?backoff, "Kafka consumer error");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
                     continue;
                 }
             };
@@ -298,7 +312,9 @@ impl Inbound for KafkaIn {
     }
 
     fn up(&self) -> bool {
-        self.consumer.context().assigned.load(Ordering::Acquire)
+        self.consumer
+            .assignment()
+            .is_ok_and(|partitions| partitions.count() > 0)
     }
 
     async fn liveness(&self) -> Result<(), SinkError> {
@@ -362,10 +378,30 @@ mod tests {
         assert_eq!(o.done("t", 0, 10, g), Some(11), "10 and 11 done");
         assert_eq!(o.done("t", 0, 12, g), Some(12));
         assert_eq!(o.done("t", 0, 12, g), None, "acked twice");
-        // After a rebalance, old acknowledgements count for nothing.
+        // A revoked partition's old acknowledgements count for nothing,
+        // even once it is assigned again.
         o.open("t", 0, 13);
-        o.forget();
+        o.revoke(&[("t".into(), 0)]);
+        let g2 = o.open("t", 0, 14);
+        assert_ne!(g, g2);
         assert_eq!(o.done("t", 0, 13, g), None);
+        assert_eq!(o.done("t", 0, 14, g2), Some(14));
+    }
+
+    #[test]
+    fn a_partition_kept_through_an_incremental_rebalance_keeps_its_gaps() {
+        let o = Offsets::default();
+        let g = o.open("t", 0, 10);
+        o.open("t", 0, 11);
+        let other = o.open("t", 1, 5);
+        // Partition 1 moves away; partition 0 stays with its records in
+        // flight.
+        o.revoke(&[("t".into(), 1)]);
+        assert_eq!(o.open("t", 0, 12), g);
+        assert_eq!(o.done("t", 0, 12, g), None, "10 and 11 are still open");
+        assert_eq!(o.done("t", 0, 10, g), Some(10));
+        assert_eq!(o.done("t", 0, 11, g), Some(12));
+        assert_eq!(o.done("t", 1, 5, other), None, "revoked");
     }
 
     #[test]
