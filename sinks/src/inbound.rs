@@ -77,7 +77,8 @@ pub trait Inbound: Send + Sync + Debug {
 
     /// Checked periodically while running, for readiness: sources whose
     /// [`Inbound::up`] cannot see the broker going away (a Kafka consumer
-    /// keeps its assignment through an outage) override it.
+    /// keeps its assignment through an outage) override it. Must answer
+    /// within about 10 s, the broker away or not.
     async fn liveness(&self) -> Result<(), SinkError> {
         Ok(())
     }
