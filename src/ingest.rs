@@ -114,7 +114,7 @@ fn base(rec: &Record, name: &str, payload: Payload) -> Event {
             .key
             .map(|k| String::from_utf8_lossy(k).into_owned())
             .unwrap_or_default(),
-        attributes: rec.attributes.clone(),
+        attributes: rec.attributes.clone().into(),
         payload,
     }
 }
@@ -149,7 +149,7 @@ fn event_record(rec: &Record, mut obj: Map<String, Value>) -> Event {
         .unwrap_or_else(|| ev.id.clone());
     if let Some(Value::Object(attrs)) = obj.remove("attributes") {
         for (k, v) in attrs {
-            ev.attributes.insert(k, flat(v));
+            ev.attributes.insert(k.into(), flat(v));
         }
     }
     // AccelByte's optional fields become attributes, nothing is dropped.

@@ -47,6 +47,9 @@ pub struct JsonWriter {
     first: bool,
     depth: usize,
     problems: Vec<String>,
+    /// A timestamp already written into `out`, at this range: an event's
+    /// time is both the envelope's and its payload's.
+    known_time: Option<(prost_types::Timestamp, std::ops::Range<usize>)>,
 }
 
 impl JsonWriter {
@@ -139,6 +142,15 @@ impl JsonWriter {
         push_json_str(&mut self.out, s);
     }
 
+    /// Members rendered earlier (`"a":1,"b":2`, possibly none), as if
+    /// each had been written here.
+    pub fn members(&mut self, json: &str) {
+        if !json.is_empty() {
+            self.comma();
+            self.out.push_str(json);
+        }
+    }
+
     /// Text that is already valid JSON (a serde_json value's output).
     pub fn raw(&mut self, json: &str) {
         self.out.push_str(json);
@@ -221,8 +233,29 @@ impl JsonWriter {
     /// RFC 3339 UTC with 0, 3, 6 or 9 fractional digits.
     pub fn timestamp(&mut self, t: &prost_types::Timestamp) {
         self.out.push('"');
-        push_timestamp(&mut self.out, t);
+        match &self.known_time {
+            Some((known, at)) if known == t && at.len() <= 32 => {
+                // Copied rather than formatted again.
+                let mut buf = [0u8; 32];
+                let text = &mut buf[..at.len()];
+                text.copy_from_slice(&self.out.as_bytes()[at.clone()]);
+                self.out
+                    .push_str(std::str::from_utf8(text).unwrap_or_default());
+            }
+            _ => push_timestamp(&mut self.out, t),
+        }
         self.out.push('"');
+    }
+
+    /// Says that `t` was written at `at` in the text so far (as
+    /// [`push_timestamp`] writes it), so [`Self::timestamp`] copies it.
+    pub fn known_timestamp(&mut self, t: prost_types::Timestamp, at: std::ops::Range<usize>) {
+        debug_assert!({
+            let mut expected = String::new();
+            push_timestamp(&mut expected, &t);
+            self.out.get(at.clone()) == Some(expected.as_str())
+        });
+        self.known_time = Some((t, at));
     }
 
     /// Seconds with an `s` suffix, such as `1.5s`.

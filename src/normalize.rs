@@ -5,9 +5,9 @@
 //! hostile input: whatever does not decode travels on raw (type URL and
 //! base64 bytes) with the reason, and the caller logs it.
 
-use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
 
-use evbridge_sinks::{Envelope, Event, Payload};
+use evbridge_sinks::{Attributes, Envelope, Event, Payload, push_json_str};
 use prost::Message as _;
 use uuid::Uuid;
 
@@ -51,7 +51,67 @@ pub struct Invocation {
     pub timestamp: String,
     /// The notification's keywords, parsed and rendered once: its events
     /// usually carry the same ones.
-    pub keywords: std::sync::Arc<RenderedKeywords>,
+    pub keywords: Arc<RenderedKeywords>,
+    /// The JSON its build-event envelopes share, rendered once.
+    pub parts: Arc<SharedJson>,
+}
+
+/// JSON text every build-event envelope of one invocation repeats,
+/// rendered once: writing it field by field (escaping each string) was the
+/// larger part of the cost of an envelope.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SharedJson {
+    /// `","namespace":"…","timestamp":"`, between the name and the time.
+    namespace: String,
+    /// From after the time to the `build_id` attribute included.
+    head: String,
+    /// `,"command_name":"…"` of the invocation's keywords, or empty.
+    command: String,
+    /// The `invocation_id` and `notification_id` attributes.
+    tail: String,
+    /// The members of an event's `BuildProgressEvent` before `buildEvent`
+    /// (stream id, service level, keywords), rendered from the first
+    /// event and reused by those with the same ones.
+    stream: OnceLock<(StreamKey, String)>,
+}
+
+/// What the cached `BuildProgressEvent` members were rendered from (the
+/// keywords are the invocation's whenever the cache is used).
+#[derive(Debug, PartialEq, Eq)]
+struct StreamKey {
+    stream_id: Option<pb::bes::StreamId>,
+    service_level: Option<i32>,
+}
+
+impl SharedJson {
+    fn new(topic: &str, namespace: &str, inv: &Invocation, command_name: Option<&str>) -> Self {
+        let mut s = SharedJson::default();
+        s.namespace.push_str("\",\"namespace\":");
+        push_json_str(&mut s.namespace, namespace);
+        s.namespace.push_str(",\"timestamp\":\"");
+        let head = &mut s.head;
+        head.push_str("\",\"version\":");
+        head.push_str(itoa::Buffer::new().format(Envelope::VERSION));
+        head.push_str(",\"topic\":");
+        push_json_str(head, topic);
+        head.push_str(",\"key\":");
+        push_json_str(head, &inv.invocation_id);
+        head.push_str(",\"attributes\":{\"build_id\":");
+        push_json_str(head, &inv.build_id);
+        if let Some(cmd) = command_name {
+            s.command.push_str(",\"command_name\":");
+            push_json_str(&mut s.command, cmd);
+        }
+        s.tail.push_str(",\"invocation_id\":");
+        push_json_str(&mut s.tail, &inv.invocation_id);
+        s.tail.push_str(",\"notification_id\":");
+        push_json_str(&mut s.tail, &inv.notification_id);
+        s
+    }
+
+    fn len(&self) -> usize {
+        self.namespace.len() + self.head.len() + self.command.len() + self.tail.len()
+    }
 }
 
 /// Keywords with what every envelope derives from them, computed once.
@@ -124,7 +184,8 @@ impl Normalizer {
     /// The lifecycle envelope of one notification.
     pub fn lifecycle(&self, n: &nq::Notification) -> Lifecycle {
         let timestamp = n.timestamp.map(|t| rfc3339(&t)).unwrap_or_else(now_rfc3339);
-        let mut attributes = BTreeMap::from([("notification_id".to_string(), n.id.clone())]);
+        let mut attributes = Attributes::with_capacity(6);
+        attributes.insert("notification_id".into(), n.id.clone());
         let event = |name: &str, namespace: String, key: String, attributes, payload| Event {
             id: notification_envelope_id(&n.id),
             name: name.into(),
@@ -197,17 +258,24 @@ impl Normalizer {
         }
 
         let fetch = match &l.kind {
-            Some(Kind::InvocationFinished(i)) => Some(Invocation {
-                notification_id: n.id.clone(),
-                instance: l.instance_name.clone(),
-                build_id: l.build_id.clone(),
-                invocation_id: i.invocation_id.clone(),
-                timestamp: timestamp.clone(),
-                keywords: std::sync::Arc::new(RenderedKeywords::from_parsed(
-                    &l.keywords,
-                    &keywords,
-                )),
-            }),
+            Some(Kind::InvocationFinished(i)) => {
+                let mut inv = Invocation {
+                    notification_id: n.id.clone(),
+                    instance: l.instance_name.clone(),
+                    build_id: l.build_id.clone(),
+                    invocation_id: i.invocation_id.clone(),
+                    timestamp: timestamp.clone(),
+                    keywords: Arc::new(RenderedKeywords::from_parsed(&l.keywords, &keywords)),
+                    parts: Arc::default(),
+                };
+                inv.parts = Arc::new(SharedJson::new(
+                    &self.topics.build_events,
+                    &namespace,
+                    &inv,
+                    keywords.command_name,
+                ));
+                Some(inv)
+            }
             _ => None,
         };
         // Rendered once for an invocation (its events reuse it), else
@@ -248,7 +316,8 @@ impl Normalizer {
         // The invocation's keywords, parsed once, unless this event has
         // others.
         let fresh;
-        let (command_name, keywords_json) = if raw_keywords == inv.keywords.raw.as_slice() {
+        let own_keywords = raw_keywords == inv.keywords.raw.as_slice();
+        let (command_name, keywords_json) = if own_keywords {
             (
                 inv.keywords.command_name.as_deref(),
                 KeywordsJson::Rendered(&inv.keywords.json),
@@ -257,28 +326,82 @@ impl Normalizer {
             fresh = Keywords::parse(raw_keywords);
             (fresh.command_name, KeywordsJson::Parsed(&fresh))
         };
+        let mut seq_text = itoa::Buffer::new();
+        let seq_text = seq_text.format(seq);
 
-        let mut attributes = BTreeMap::from([
-            ("notification_id".to_string(), inv.notification_id.clone()),
-            ("build_id".to_string(), inv.build_id.clone()),
-            ("invocation_id".to_string(), inv.invocation_id.clone()),
-            (
-                "sequence".to_string(),
-                itoa::Buffer::new().format(seq).to_string(),
-            ),
-        ]);
+        // In name order, so each is appended.
+        let mut attributes = Attributes::with_capacity(6);
+        attributes.insert("build_id".into(), inv.build_id.clone());
+        if let Some(cmd) = command_name {
+            attributes.insert("command_name".into(), cmd.to_string());
+        }
+        attributes.insert("invocation_id".into(), inv.invocation_id.clone());
+        attributes.insert("notification_id".into(), inv.notification_id.clone());
         if !ev.principal.is_empty() {
             attributes.insert("principal".into(), ev.principal.clone());
         }
-        if let Some(cmd) = command_name {
-            attributes.insert("command_name".into(), cmd.to_string());
+        attributes.insert("sequence".into(), seq_text.to_string());
+
+        // The envelope's JSON, written here rather than field by field:
+        // the parts its invocation's envelopes share were rendered once.
+        // Id, name and time never need escaping.
+        let id = build_event_id(&inv.invocation_id, seq);
+        let parts = &inv.parts;
+        let mut out = String::with_capacity(160 + parts.len() + PAYLOAD_HINT);
+        out.push_str("{\"id\":\"");
+        out.push_str(&id);
+        out.push_str("\",\"name\":\"");
+        out.push_str(name);
+        out.push_str(&parts.namespace);
+        let time_at = out.len()..out.len() + timestamp.len();
+        out.push_str(&timestamp);
+        out.push_str(&parts.head);
+        match command_name {
+            _ if own_keywords => out.push_str(&parts.command),
+            Some(cmd) => {
+                out.push_str(",\"command_name\":");
+                push_json_str(&mut out, cmd);
+            }
+            None => {}
+        }
+        out.push_str(&parts.tail);
+        if !ev.principal.is_empty() {
+            out.push_str(",\"principal\":");
+            push_json_str(&mut out, &ev.principal);
+        }
+        out.push_str(",\"sequence\":\"");
+        out.push_str(seq_text);
+        out.push_str("\"},\"payload\":");
+        let start = out.len();
+        // The stream members shared by the invocation's events, when this
+        // event has the invocation's keywords and the first event's stream.
+        let stream = match progress {
+            Some(p) if own_keywords => Some(stream_members(parts, p)).filter(|(key, _)| {
+                key.stream_id == p.stream_id && key.service_level == p.service_level
+            }),
+            _ => None,
+        };
+        let known_time = build_event.and_then(|b| b.event_time).map(|t| (t, time_at));
+        let problems = write_streamed_event(
+            &mut out,
+            ev,
+            stream.map(|(_, m)| m.as_str()),
+            keywords_json,
+            known_time,
+        );
+        let end = out.len();
+        out.push('}');
+        #[cfg(debug_assertions)]
+        {
+            let mut generic = String::new();
+            write_payload(&mut generic, ev, keywords_json);
+            assert_eq!(generic, out[start..end], "cached stream members differ");
         }
 
         // The continuation token is transport state, not content: the
         // generated encoder leaves it out.
-        let mut problems = Vec::new();
         let event = Event {
-            id: build_event_id(&inv.invocation_id, seq),
+            id,
             name: name.into(),
             namespace: instance_or_default(&inv.instance),
             timestamp,
@@ -288,11 +411,75 @@ impl Normalizer {
             attributes,
             payload: Payload::default(),
         };
-        let envelope = Envelope::with_payload(event, PAYLOAD_HINT, |out| {
-            problems = write_payload(out, ev, keywords_json);
-        });
+        let envelope = Envelope::prewritten(event, out, start..end);
         BuildEvent { envelope, problems }
     }
+}
+
+/// The cached stream members of `parts`, rendered from `p` if this is the
+/// invocation's first event.
+fn stream_members<'a>(
+    parts: &'a SharedJson,
+    p: &es::BuildProgressEvent,
+) -> &'a (StreamKey, String) {
+    parts.stream.get_or_init(|| {
+        let head = es::BuildProgressEvent {
+            stream_id: p.stream_id.clone(),
+            service_level: p.service_level,
+            notification_keywords: p.notification_keywords.clone(),
+            build_event: None,
+        };
+        let mut w = JsonWriter::with_capacity(256);
+        w.begin_object();
+        head.write_members(&mut w);
+        let key = StreamKey {
+            stream_id: head.stream_id,
+            service_level: head.service_level,
+        };
+        // Without the opening brace.
+        (key, w.finish().0.split_off(1))
+    })
+}
+
+/// Appends a streamed event's payload as [`write_payload`] would, with the
+/// members of its `BuildProgressEvent` before `buildEvent` taken from
+/// `stream` when given (debug builds check the two agree).
+fn write_streamed_event(
+    out: &mut String,
+    ev: &es::StreamedBuildEvent,
+    stream: Option<&str>,
+    keywords: KeywordsJson,
+    known_time: Option<(prost_types::Timestamp, std::ops::Range<usize>)>,
+) -> Vec<String> {
+    let (Some(members), Some(p)) = (stream, &ev.event) else {
+        return write_payload(out, ev, keywords);
+    };
+    let mut w = JsonWriter::over(std::mem::take(out));
+    if let Some((t, at)) = known_time {
+        w.known_timestamp(t, at);
+    }
+    w.begin_object();
+    if ev.is_last {
+        w.key("isLast");
+        w.bool(true);
+    }
+    w.key("event");
+    w.begin_object();
+    w.members(members);
+    if let Some(b) = &p.build_event {
+        w.key("buildEvent");
+        b.write_json(&mut w);
+    }
+    w.end_object();
+    if !ev.principal.is_empty() {
+        w.key("principal");
+        w.str(&ev.principal);
+    }
+    write_keywords(&mut w, keywords);
+    w.end_object();
+    let (text, problems) = w.finish();
+    *out = text;
+    problems
 }
 
 /// `{"typeUrl", "value" (base64), "error"}`: the payload of anything that
@@ -323,10 +510,19 @@ fn write_payload<T: ProtoJson>(out: &mut String, msg: &T, keywords: KeywordsJson
     let mut w = JsonWriter::over(std::mem::take(out));
     w.begin_object();
     msg.write_members(&mut w);
+    write_keywords(&mut w, keywords);
+    w.end_object();
+    let (text, problems) = w.finish();
+    *out = text;
+    problems
+}
+
+/// The `parsedKeywords` member, if there are keywords.
+fn write_keywords(w: &mut JsonWriter, keywords: KeywordsJson) {
     match keywords {
         KeywordsJson::Parsed(k) if !k.is_empty() => {
             w.key("parsedKeywords");
-            k.write(&mut w);
+            k.write(w);
         }
         KeywordsJson::Rendered(json) if !json.is_empty() => {
             w.key("parsedKeywords");
@@ -334,10 +530,6 @@ fn write_payload<T: ProtoJson>(out: &mut String, msg: &T, keywords: KeywordsJson
         }
         _ => {}
     }
-    w.end_object();
-    let (text, problems) = w.finish();
-    *out = text;
-    problems
 }
 
 /// Keywords such as `command_name=test` and
@@ -444,11 +636,15 @@ pub fn notification_envelope_id(notification_id: &str) -> String {
 
 /// The envelope id of the `seq`-th event of an invocation.
 pub fn build_event_id(invocation_id: &str, seq: u64) -> String {
-    let mut name = String::with_capacity(invocation_id.len() + 21);
-    name.push_str(invocation_id);
-    name.push('/');
-    name.push_str(itoa::Buffer::new().format(seq));
-    v5_simple(&ID_NAMESPACE, name.as_bytes())
+    // The name `<invocation>/<seq>`, hashed in parts (no buffer).
+    v5_simple_parts(
+        &ID_NAMESPACE,
+        &[
+            invocation_id.as_bytes(),
+            b"/",
+            itoa::Buffer::new().format(seq).as_bytes(),
+        ],
+    )
 }
 
 /// The v5 UUID (RFC 9562) of `name` in `namespace` as 32 lowercase hex
@@ -456,10 +652,17 @@ pub fn build_event_id(invocation_id: &str, seq: u64) -> String {
 /// the `sha1` crate, which uses the CPU's SHA instructions where it has
 /// them (the SHA-1 inside `uuid` is portable code, several times slower).
 pub fn v5_simple(namespace: &Uuid, name: &[u8]) -> String {
+    v5_simple_parts(namespace, &[name])
+}
+
+/// [`v5_simple`] of the concatenation of `parts`.
+fn v5_simple_parts(namespace: &Uuid, parts: &[&[u8]]) -> String {
     use sha1::{Digest, Sha1};
     let mut hasher = Sha1::new();
     hasher.update(namespace.as_bytes());
-    hasher.update(name);
+    for part in parts {
+        hasher.update(part);
+    }
     let digest = hasher.finalize();
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
@@ -485,6 +688,22 @@ fn rfc3339(t: &prost_types::Timestamp) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn build_event_ids_are_v5_of_invocation_and_sequence() {
+        for (inv, seq) in [
+            ("inv-1", 0),
+            ("8b04a64f-fb64-4a10-8831-9e7b1299772a", 12_345),
+        ] {
+            let name = format!("{inv}/{seq}");
+            assert_eq!(
+                build_event_id(inv, seq),
+                Uuid::new_v5(&ID_NAMESPACE, name.as_bytes())
+                    .simple()
+                    .to_string()
+            );
+        }
+    }
 
     #[test]
     fn v5_ids_match_the_uuid_crate() {

@@ -1,6 +1,6 @@
 //! The one shape every event takes on its way to a sink.
 
-use std::collections::BTreeMap;
+use crate::Attributes;
 use std::fmt;
 use std::ops::Deref;
 
@@ -32,8 +32,8 @@ pub struct Event {
     /// Partition/ordering key: events with the same key keep their order.
     pub key: String,
     /// Flat string facts (keywords, principal, ids) for headers and routing.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub attributes: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Attributes::is_empty")]
+    pub attributes: Attributes,
     /// The event itself as JSON.
     pub payload: Payload,
 }
@@ -340,6 +340,27 @@ impl Envelope {
         Envelope { event, json }
     }
 
+    /// Seals an event whose whole JSON the caller wrote, with the payload
+    /// at `payload` inside it: for an encoder that reuses parts it rendered
+    /// once (an invocation's attributes), which a field-by-field writer
+    /// cannot. `json` must be exactly what [`Envelope::new`] writes for
+    /// `event` with that payload; debug builds (so every test) check it.
+    pub fn prewritten(mut event: Event, json: String, payload: std::ops::Range<usize>) -> Self {
+        #[cfg(debug_assertions)]
+        {
+            let expected =
+                Self::with_payload(event.clone(), 0, |out| out.push_str(&json[payload.clone()]));
+            assert_eq!(
+                std::str::from_utf8(expected.json()).ok(),
+                Some(json.as_str()),
+                "prewritten envelope differs from its fields"
+            );
+        }
+        let json = Bytes::from(json.into_bytes());
+        event.payload = Payload(Text::Sealed(json.slice(payload)));
+        Envelope { event, json }
+    }
+
     /// The envelope as one compact JSON object.
     pub fn json(&self) -> &Bytes {
         &self.json
@@ -363,7 +384,7 @@ impl Deref for Envelope {
 mod tests {
     use super::*;
 
-    fn event(attributes: BTreeMap<String, String>) -> Event {
+    fn event(attributes: Attributes) -> Event {
         Event {
             id: "0123456789abcdef0123456789abcdef".into(),
             name: "invocation_finished".into(),
@@ -379,10 +400,7 @@ mod tests {
 
     #[test]
     fn json_has_accelbyte_fields_and_round_trips() {
-        let env = Envelope::new(event(BTreeMap::from([(
-            "command_name".into(),
-            "test".into(),
-        )])));
+        let env = Envelope::new(event(Attributes::from([("command_name", "test")])));
         let v: serde_json::Value = serde_json::from_slice(env.json()).unwrap();
         for field in [
             "id",
@@ -406,8 +424,8 @@ mod tests {
     #[test]
     fn json_is_what_serde_writes() {
         for attributes in [
-            BTreeMap::new(),
-            BTreeMap::from([
+            Attributes::default(),
+            Attributes::from([
                 ("b\"x".to_string(), "2\t".to_string()),
                 ("a".to_string(), "ü€😀\u{7f}".to_string()),
             ]),

@@ -34,6 +34,7 @@ use async_trait::async_trait;
 mod amqp;
 #[cfg(feature = "amqp")]
 mod amqp_in;
+mod attributes;
 mod blackhole;
 #[cfg(any(feature = "kafka", feature = "amqp"))]
 mod cloudevents;
@@ -50,6 +51,7 @@ mod options;
 mod stdout;
 mod template;
 
+pub use attributes::Attributes;
 pub use blackhole::Blackhole;
 pub use envelope::{Envelope, Event, Payload, push_json_str, push_rfc3339};
 pub use error::{BatchError, OpenError, SinkError};
