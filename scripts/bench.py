@@ -104,9 +104,14 @@ def bridge_run(events, sink, stop_after=None):
     if not finished:
         # Only the acknowledged part counts as delivered.
         envelopes = None
+    # The simulator's own measure of the bridge's working time: from its
+    # first delivery to the last first acknowledgement (no process start,
+    # connection setup or simulator exit in it).
+    delivery = report.get("delivery_us")
     return {
         "finished": finished,
-        "seconds": elapsed,
+        "seconds": delivery / 1e6 if finished and delivery else elapsed,
+        "wall": elapsed,
         "notifications": report.get("notifications"),
         "events": report.get("invocation_events"),
         "envelopes": envelopes,
@@ -161,7 +166,9 @@ def main():
     if fast["finished"]:
         rate = fast["envelopes"] / fast["seconds"]
         rows.append(("sim → bridge → blackhole", f"{rate:,.0f} envelopes/s "
-                     f"({fast['envelopes']:,} in {fast['seconds']:.1f} s)",
+                     f"({fast['envelopes']:,} in {fast['seconds']:.2f} s from first delivery to "
+                     f"last ack; {fast['envelopes'] / fast['wall']:,.0f}/s over the "
+                     f"{fast['wall']:.2f} s wall time with process start and exit)",
                      "≥ 300,000/s on 2 cores", f"{rate / 300_000:.2f}× target"))
         bridge_us = fast["cpu"] * 1e6 / fast["envelopes"]
         sim_us = fast["sim_cpu"] * 1e6 / fast["envelopes"]

@@ -680,7 +680,7 @@ async fn run_sim(args: SimArgs) -> Result<(), Failure> {
     #[cfg(unix)]
     let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
         .map_err(|e| Failure::usage(format!("cannot install SIGUSR1 handler: {e}")))?;
-    let mut poll = tokio::time::interval(Duration::from_millis(100));
+    let mut poll = tokio::time::interval(Duration::from_millis(10));
     let stop = shutdown::signal();
     tokio::pin!(stop);
     loop {
@@ -730,7 +730,7 @@ async fn run_demo(args: DemoArgs) -> Result<(), Failure> {
         tokio::spawn(async move {
             let stop = shutdown::signal();
             tokio::pin!(stop);
-            let mut poll = tokio::time::interval(Duration::from_millis(100));
+            let mut poll = tokio::time::interval(Duration::from_millis(10));
             loop {
                 tokio::select! {
                     _ = &mut stop => break,

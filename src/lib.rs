@@ -42,6 +42,7 @@ pub mod shutdown;
 pub mod sim;
 pub mod sim_gen;
 pub mod sim_queue;
+mod sim_store;
 pub mod source;
 pub mod telemetry;
 

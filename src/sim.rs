@@ -20,6 +20,7 @@ use crate::pb::{es, nq};
 use crate::shutdown::Shutdown;
 use crate::sim_gen::{GenConfig, World, generate};
 use crate::sim_queue::{AckOutcome, Queue, QueueStats};
+use crate::sim_store::{EventStoreServer, StoredEvent, StoredEvents, encode_all};
 
 /// How the simulated cluster behaves.
 #[derive(Debug, Clone)]
@@ -120,6 +121,10 @@ pub struct Sim {
     /// GetInvocation, not a scan of every invocation.
     invocation_index: std::collections::HashMap<String, usize>,
     build_index: std::collections::HashMap<String, usize>,
+    /// Every invocation's and build's events, encoded once (what an event
+    /// store keeps), in `world`'s order.
+    stored_invocations: Vec<Vec<bytes::Bytes>>,
+    stored_builds: Vec<Vec<bytes::Bytes>>,
     queue: Queue,
     counters: Counters,
 }
@@ -140,11 +145,19 @@ impl Sim {
         };
         let invocation_index = index(world.invocations.iter().map(|i| &i.id).collect());
         let build_index = index(world.builds.iter().map(|b| &b.id).collect());
+        let stored_invocations = world
+            .invocations
+            .iter()
+            .map(|i| encode_all(&i.events))
+            .collect();
+        let stored_builds = world.builds.iter().map(|b| encode_all(&b.events)).collect();
         Arc::new(Sim {
             cfg,
             world,
             invocation_index,
             build_index,
+            stored_invocations,
+            stored_builds,
             queue,
             counters: Counters::default(),
         })
@@ -280,7 +293,7 @@ pub async fn serve(
         .add_service(nq::notification_queue_server::NotificationQueueServer::new(
             svc.clone(),
         ))
-        .add_service(es::event_store_server::EventStoreServer::new(svc))
+        .add_service(EventStoreServer(svc))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             stop.wait().await
         })
@@ -293,7 +306,8 @@ struct Service {
     shutdown: Shutdown,
 }
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+/// A response stream of the simulator's services.
+pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// True for `((segment)/)*<uuid>` with lowercase segments, ≤ 128 chars.
 fn valid_client(client: &str) -> bool {
@@ -459,11 +473,6 @@ async fn pull_loop(
     }
 }
 
-/// Continuation token of event `event` of stream `owner` (opaque to clients).
-fn continuation(owner: &str, event: usize) -> String {
-    format!("ct.{owner}.{event}")
-}
-
 fn parse_continuation(owner: &str, token: Option<&str>) -> Result<usize, Status> {
     let Some(token) = token.filter(|t| !t.is_empty()) else {
         return Ok(0);
@@ -506,9 +515,10 @@ impl Service {
         owner: String,
         mut from: usize,
         stored: impl Fn(&Sim) -> (usize, bool) + Send + 'static,
-        events: impl Fn(&Sim) -> &[es::StreamedBuildEvent] + Send + 'static,
+        events: impl Fn(&Sim) -> &[bytes::Bytes] + Send + 'static,
         follow: bool,
-    ) -> BoxStream<es::StreamedBuildEvent> {
+    ) -> BoxStream<StoredEvent> {
+        let owner: Arc<str> = owner.into();
         let sim = self.sim.clone();
         let mut shutdown = self.shutdown.clone();
         let (tx, rx) = mpsc::channel(64);
@@ -530,8 +540,11 @@ impl Service {
                             .await;
                         return;
                     }
-                    let mut ev = events(&sim)[from].clone();
-                    ev.continuation_token = continuation(&owner, from);
+                    let ev = StoredEvent {
+                        event: events(&sim)[from].clone(),
+                        owner: owner.clone(),
+                        index: from,
+                    };
                     if tx.send(Ok(ev)).await.is_err() {
                         return;
                     }
@@ -555,15 +568,11 @@ impl Service {
     }
 }
 
-#[tonic::async_trait]
-impl es::event_store_server::EventStore for Service {
-    type GetInvocationStream = BoxStream<es::StreamedBuildEvent>;
-    type GetBuildStream = BoxStream<es::StreamedBuildEvent>;
-
-    async fn get_invocation(
+impl StoredEvents for Service {
+    fn get_invocation(
         &self,
         req: Request<es::GetInvocationRequest>,
-    ) -> Result<Response<Self::GetInvocationStream>, Status> {
+    ) -> Result<Response<BoxStream<StoredEvent>>, Status> {
         let req = self.admit(req, |r| &r.invocation_id, "invocation_id")?;
         let found = self
             .sim
@@ -584,15 +593,15 @@ impl es::event_store_server::EventStore for Service {
             req.invocation_id,
             from,
             move |sim| sim.stored(inv),
-            move |sim| &sim.world.invocations[inv].events,
+            move |sim| &sim.stored_invocations[inv],
             follow,
         )))
     }
 
-    async fn get_build(
+    fn get_build(
         &self,
         req: Request<es::GetBuildRequest>,
-    ) -> Result<Response<Self::GetBuildStream>, Status> {
+    ) -> Result<Response<BoxStream<StoredEvent>>, Status> {
         let req = self.admit(req, |r| &r.build_id, "build_id")?;
         let Some(b) = self
             .sim
@@ -616,7 +625,7 @@ impl es::event_store_server::EventStore for Service {
                     (1, false)
                 }
             },
-            move |sim| &sim.world.builds[b].events,
+            move |sim| &sim.stored_builds[b],
             false,
         )))
     }
@@ -625,6 +634,7 @@ impl es::event_store_server::EventStore for Service {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sim_store::continuation;
 
     #[test]
     fn client_grammar() {

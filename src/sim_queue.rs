@@ -37,6 +37,10 @@ pub struct QueueStats {
     pub late_acks: u64,
     /// Acknowledgements with a token the stream did not hold.
     pub unknown_acks: u64,
+    /// Microseconds from the first delivery to the latest first
+    /// acknowledgement of a notification: the bridge's working time, without
+    /// process start or exit (what throughput benchmarks divide by).
+    pub delivery_us: Option<u64>,
 }
 
 struct Delivery {
@@ -57,6 +61,8 @@ struct State {
     in_flight: HashMap<u64, usize>,
     next_token: u64,
     stats: QueueStats,
+    first_delivery: Option<Instant>,
+    last_first_ack: Option<Instant>,
 }
 
 /// A queue shared by every reader of the simulator.
@@ -81,6 +87,8 @@ impl Queue {
                 in_flight: HashMap::new(),
                 next_token: 0,
                 stats: QueueStats::default(),
+                first_delivery: None,
+                last_first_ack: None,
             }),
             changed: Notify::new(),
         }
@@ -142,6 +150,7 @@ impl Queue {
             },
         );
         *s.in_flight.entry(stream).or_default() += 1;
+        s.first_delivery.get_or_insert_with(Instant::now);
         s.stats.delivered += 1;
         if s.delivered_before[index] {
             s.stats.redelivered += 1;
@@ -170,6 +179,7 @@ impl Queue {
                 if !s.acked[d.index] {
                     s.acked[d.index] = true;
                     s.stats.acked += 1;
+                    s.last_first_ack = Some(Instant::now());
                 }
                 AckOutcome::Ok
             }
@@ -231,7 +241,12 @@ impl Queue {
 
     /// Counters so far.
     pub fn stats(&self) -> QueueStats {
-        self.lock().stats.clone()
+        let s = self.lock();
+        let delivery = s.last_first_ack.zip(s.first_delivery).map(|(a, d)| a - d);
+        QueueStats {
+            delivery_us: delivery.map(|d| d.as_micros() as u64),
+            ..s.stats.clone()
+        }
     }
 
     /// Ids of the notifications acknowledged so far.
