@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 
 use base64::Engine as _;
-use evbridge_sinks::{Envelope, Event, Payload};
+use evbridge_sinks::{Envelope, Event, Payload, SmolStr};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -105,14 +105,14 @@ fn is_bonfire(obj: &Map<String, Value>) -> bool {
 fn base(rec: &Record, name: &str, payload: Payload) -> Event {
     Event {
         id: origin_id(&rec.origin),
-        name: name.to_string(),
+        name: name.into(),
         namespace: "default".into(),
-        timestamp: rec.timestamp.clone().unwrap_or_else(now),
+        timestamp: rec.timestamp.clone().unwrap_or_else(now).into(),
         version: Envelope::VERSION,
-        topic: rec.topic.to_string(),
+        topic: rec.topic.into(),
         key: rec
             .key
-            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .map(|k| String::from_utf8_lossy(k).into())
             .unwrap_or_default(),
         attributes: rec.attributes.clone().into(),
         payload,
@@ -121,14 +121,14 @@ fn base(rec: &Record, name: &str, payload: Payload) -> Event {
 
 fn event_record(rec: &Record, mut obj: Map<String, Value>) -> Event {
     let text = |obj: &mut Map<String, Value>, k: &str| match obj.remove(k) {
-        Some(Value::String(s)) if !s.is_empty() => Some(s),
+        Some(Value::String(s)) if !s.is_empty() => Some(SmolStr::from(s)),
         _ => None,
     };
     let payload = obj.remove("payload").unwrap_or(Value::Null);
     let mut ev = base(rec, "", Payload::trusted(payload.to_string()));
     ev.id = text(&mut obj, "id").unwrap_or(ev.id);
     ev.name = text(&mut obj, "name")
-        .map(|n| sanitize_name(&n))
+        .map(|n| sanitize_name(&n).into())
         .unwrap_or_default();
     if let Some(ns) = text(&mut obj, "namespace") {
         ev.namespace = ns;
@@ -149,7 +149,7 @@ fn event_record(rec: &Record, mut obj: Map<String, Value>) -> Event {
         .unwrap_or_else(|| ev.id.clone());
     if let Some(Value::Object(attrs)) = obj.remove("attributes") {
         for (k, v) in attrs {
-            ev.attributes.insert(k.into(), flat(v));
+            ev.attributes.insert(k.into(), flat(v).into());
         }
     }
     // AccelByte's optional fields become attributes, nothing is dropped.
@@ -162,7 +162,7 @@ fn event_record(rec: &Record, mut obj: Map<String, Value>) -> Event {
         ("additional_fields", "additional_fields"),
     ] {
         if let Some(v) = obj.remove(field).filter(|v| !v.is_null()) {
-            ev.attributes.insert(attr.into(), flat(v));
+            ev.attributes.insert(attr.into(), flat(v).into());
         }
     }
     ev
@@ -181,7 +181,7 @@ fn bonfire_record(rec: &Record, obj: Map<String, Value>) -> Event {
         Payload::trusted(Value::Object(obj.clone()).to_string()),
     );
     if let Some(secs) = obj.get("timestamp").and_then(Value::as_f64) {
-        ev.timestamp = unix_rfc3339(secs).unwrap_or(ev.timestamp);
+        ev.timestamp = unix_rfc3339(secs).map_or(ev.timestamp, SmolStr::from);
     }
     for (field, attr) in [
         ("path", "path"),
@@ -191,14 +191,14 @@ fn bonfire_record(rec: &Record, obj: Map<String, Value>) -> Event {
         ("userId", "user_id"),
     ] {
         if let Some(v) = obj.get(field).filter(|v| !v.is_null()) {
-            ev.attributes.insert(attr.into(), flat(v.clone()));
+            ev.attributes.insert(attr.into(), flat(v.clone()).into());
         }
     }
     if ev.key.is_empty() {
         ev.key = obj
             .get("objectId")
             .or_else(|| obj.get("path"))
-            .map(|v| flat(v.clone()))
+            .map(|v| flat(v.clone()).into())
             .unwrap_or_else(|| ev.id.clone());
     }
     ev
@@ -236,7 +236,7 @@ pub fn sanitize_name(name: &str) -> String {
     out
 }
 
-fn origin_id(origin: &str) -> String {
+fn origin_id(origin: &str) -> SmolStr {
     crate::normalize::v5_simple(&RECORD_ID_NAMESPACE, origin.as_bytes())
 }
 

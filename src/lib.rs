@@ -16,7 +16,8 @@
 //! - `pipeline`: fan-out to sinks, confirm-before-ack, in-flight bound.
 //! - `retry`: exponential backoff with jitter.
 //! - `shutdown`: the shutdown signal every task listens to.
-//! - `sim`, `sim_queue`, `sim_gen`: the EngFlow-compatible simulator.
+//! - `sim`, `sim_queue`, `sim_gen`, `sim_store`: the EngFlow-compatible
+//!   simulator (`sim_store` streams its events stored encoded).
 //! - `pb`: generated protobuf/gRPC code and the descriptor set.
 //! - `logging`: tracing to stderr, text or JSON.
 //! - `health`, `telemetry`, `admin`: readiness, metrics, the periodic stats

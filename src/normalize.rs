@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use evbridge_sinks::{Attributes, Envelope, Event, Payload, push_json_str};
+use evbridge_sinks::{Attributes, Envelope, Event, Payload, SmolStr, push_json_str};
 use prost::Message as _;
 use uuid::Uuid;
 
@@ -40,15 +40,17 @@ impl Default for Topics {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invocation {
     /// Id of the notification that announced it (for logs).
-    pub notification_id: String,
+    pub notification_id: SmolStr,
     /// EngFlow instance name.
     pub instance: String,
     /// Build the invocation belongs to.
-    pub build_id: String,
+    pub build_id: SmolStr,
     /// The invocation.
-    pub invocation_id: String,
+    pub invocation_id: SmolStr,
+    /// The envelopes' namespace: the instance, or `default`.
+    pub namespace: SmolStr,
     /// Time of the notification, used when an event has none.
-    pub timestamp: String,
+    pub timestamp: SmolStr,
     /// The notification's keywords, parsed and rendered once: its events
     /// usually carry the same ones.
     pub keywords: Arc<RenderedKeywords>,
@@ -120,7 +122,7 @@ pub struct RenderedKeywords {
     /// The keywords as given.
     pub raw: Vec<String>,
     /// `command_name=…`, for the `command_name` attribute.
-    pub command_name: Option<String>,
+    pub command_name: Option<SmolStr>,
     /// The `parsedKeywords` object (empty when there are none).
     pub json: String,
 }
@@ -137,7 +139,7 @@ impl RenderedKeywords {
         };
         RenderedKeywords {
             raw: raw.to_vec(),
-            command_name: keywords.command_name.map(str::to_string),
+            command_name: keywords.command_name.map(SmolStr::from),
             json,
         }
     }
@@ -167,6 +169,9 @@ pub struct BuildEvent {
 #[derive(Debug, Clone)]
 pub struct Normalizer {
     topics: Topics,
+    /// The topics as envelopes carry them (cloned, not copied, into each).
+    lifecycle_topic: SmolStr,
+    build_events_topic: SmolStr,
 }
 
 impl Default for Normalizer {
@@ -178,25 +183,30 @@ impl Default for Normalizer {
 impl Normalizer {
     /// A normalizer writing the given topic names.
     pub fn new(topics: Topics) -> Self {
-        Normalizer { topics }
+        Normalizer {
+            lifecycle_topic: topics.lifecycle.as_str().into(),
+            build_events_topic: topics.build_events.as_str().into(),
+            topics,
+        }
     }
 
     /// The lifecycle envelope of one notification.
     pub fn lifecycle(&self, n: &nq::Notification) -> Lifecycle {
         let timestamp = n.timestamp.map(|t| rfc3339(&t)).unwrap_or_else(now_rfc3339);
         let mut attributes = Attributes::with_capacity(6);
-        attributes.insert("notification_id".into(), n.id.clone());
-        let event = |name: &str, namespace: String, key: String, attributes, payload| Event {
-            id: notification_envelope_id(&n.id),
-            name: name.into(),
-            namespace,
-            timestamp: timestamp.clone(),
-            version: Envelope::VERSION,
-            topic: self.topics.lifecycle.clone(),
-            key,
-            attributes,
-            payload,
-        };
+        attributes.insert(SmolStr::new_static("notification_id"), n.id.as_str().into());
+        let event =
+            |name: &'static str, namespace: SmolStr, key: SmolStr, attributes, payload| Event {
+                id: notification_envelope_id(&n.id),
+                name: SmolStr::new_static(name),
+                namespace,
+                timestamp: timestamp.clone(),
+                version: Envelope::VERSION,
+                topic: self.lifecycle_topic.clone(),
+                key,
+                attributes,
+                payload,
+            };
 
         let (type_url, value) = match &n.payload {
             Some(any) => (any.type_url.as_str(), any.value.as_slice()),
@@ -218,8 +228,8 @@ impl Normalizer {
                 let raw = raw_any_json(type_url, value, &problem);
                 let envelope = Envelope::new(event(
                     "raw_notification",
-                    "default".into(),
-                    n.id.clone(),
+                    SmolStr::new_static("default"),
+                    n.id.as_str().into(),
                     attributes,
                     raw,
                 ));
@@ -243,27 +253,37 @@ impl Normalizer {
         let key = invocation_id
             .filter(|i| !i.is_empty())
             .or(Some(&l.build_id).filter(|b| !b.is_empty()))
-            .unwrap_or(&n.id)
-            .clone();
-        attributes.insert("build_id".into(), l.build_id.clone());
+            .unwrap_or(&n.id);
+        let key = SmolStr::from(key.as_str());
+        let build_id = SmolStr::from(l.build_id.as_str());
+        attributes.insert(SmolStr::new_static("build_id"), build_id.clone());
         if let Some(inv) = invocation_id {
-            attributes.insert("invocation_id".into(), inv.clone());
+            let shared = if key == inv.as_str() {
+                key.clone()
+            } else {
+                inv.as_str().into()
+            };
+            attributes.insert(SmolStr::new_static("invocation_id"), shared);
         }
         if let Some(user) = l.auth_context.as_ref().and_then(|a| a.user.as_ref()) {
-            attributes.insert("principal".into(), user.principal.clone());
+            attributes.insert(
+                SmolStr::new_static("principal"),
+                user.principal.as_str().into(),
+            );
         }
         let keywords = Keywords::parse(&l.keywords);
         if let Some(cmd) = keywords.command_name {
-            attributes.insert("command_name".into(), cmd.to_string());
+            attributes.insert(SmolStr::new_static("command_name"), cmd.into());
         }
 
         let fetch = match &l.kind {
             Some(Kind::InvocationFinished(i)) => {
                 let mut inv = Invocation {
-                    notification_id: n.id.clone(),
+                    notification_id: n.id.as_str().into(),
                     instance: l.instance_name.clone(),
-                    build_id: l.build_id.clone(),
-                    invocation_id: i.invocation_id.clone(),
+                    build_id: build_id.clone(),
+                    invocation_id: i.invocation_id.as_str().into(),
+                    namespace: namespace.clone(),
                     timestamp: timestamp.clone(),
                     keywords: Arc::new(RenderedKeywords::from_parsed(&l.keywords, &keywords)),
                     parts: Arc::default(),
@@ -309,9 +329,7 @@ impl Normalizer {
         let name = build_event
             .and_then(|b| b.event.as_ref())
             .map_or("build_event", build_event_name);
-        let timestamp = build_event
-            .and_then(|b| b.event_time)
-            .map_or_else(|| inv.timestamp.clone(), |t| rfc3339(&t));
+        let event_time = build_event.and_then(|b| b.event_time);
         let raw_keywords = progress.map_or(&[][..], |p| &p.notification_keywords);
         // The invocation's keywords, parsed once, unless this event has
         // others.
@@ -319,28 +337,43 @@ impl Normalizer {
         let own_keywords = raw_keywords == inv.keywords.raw.as_slice();
         let (command_name, keywords_json) = if own_keywords {
             (
-                inv.keywords.command_name.as_deref(),
+                inv.keywords.command_name.clone(),
                 KeywordsJson::Rendered(&inv.keywords.json),
             )
         } else {
             fresh = Keywords::parse(raw_keywords);
-            (fresh.command_name, KeywordsJson::Parsed(&fresh))
+            (
+                fresh.command_name.map(SmolStr::from),
+                KeywordsJson::Parsed(&fresh),
+            )
         };
         let mut seq_text = itoa::Buffer::new();
         let seq_text = seq_text.format(seq);
 
         // In name order, so each is appended.
         let mut attributes = Attributes::with_capacity(6);
-        attributes.insert("build_id".into(), inv.build_id.clone());
-        if let Some(cmd) = command_name {
-            attributes.insert("command_name".into(), cmd.to_string());
+        attributes.insert(SmolStr::new_static("build_id"), inv.build_id.clone());
+        if let Some(cmd) = &command_name {
+            attributes.insert(SmolStr::new_static("command_name"), cmd.clone());
         }
-        attributes.insert("invocation_id".into(), inv.invocation_id.clone());
-        attributes.insert("notification_id".into(), inv.notification_id.clone());
+        attributes.insert(
+            SmolStr::new_static("invocation_id"),
+            inv.invocation_id.clone(),
+        );
+        attributes.insert(
+            SmolStr::new_static("notification_id"),
+            inv.notification_id.clone(),
+        );
         if !ev.principal.is_empty() {
-            attributes.insert("principal".into(), ev.principal.clone());
+            attributes.insert(
+                SmolStr::new_static("principal"),
+                ev.principal.as_str().into(),
+            );
         }
-        attributes.insert("sequence".into(), seq_text.to_string());
+        attributes.insert(
+            SmolStr::new_static("sequence"),
+            SmolStr::new_inline(seq_text),
+        );
 
         // The envelope's JSON, written here rather than field by field:
         // the parts its invocation's envelopes share were rendered once.
@@ -353,10 +386,20 @@ impl Normalizer {
         out.push_str("\",\"name\":\"");
         out.push_str(name);
         out.push_str(&parts.namespace);
-        let time_at = out.len()..out.len() + timestamp.len();
-        out.push_str(&timestamp);
+        // The time is formatted into the JSON, and the field copied from
+        // there.
+        let time_start = out.len();
+        match &event_time {
+            Some(t) => crate::json::push_timestamp(&mut out, t),
+            None => out.push_str(&inv.timestamp),
+        }
+        let time_at = time_start..out.len();
+        let timestamp = match event_time {
+            Some(_) => SmolStr::new(&out[time_at.clone()]),
+            None => inv.timestamp.clone(),
+        };
         out.push_str(&parts.head);
-        match command_name {
+        match &command_name {
             _ if own_keywords => out.push_str(&parts.command),
             Some(cmd) => {
                 out.push_str(",\"command_name\":");
@@ -381,7 +424,7 @@ impl Normalizer {
             }),
             _ => None,
         };
-        let known_time = build_event.and_then(|b| b.event_time).map(|t| (t, time_at));
+        let known_time = event_time.map(|t| (t, time_at));
         let problems = write_streamed_event(
             &mut out,
             ev,
@@ -402,11 +445,11 @@ impl Normalizer {
         // generated encoder leaves it out.
         let event = Event {
             id,
-            name: name.into(),
-            namespace: instance_or_default(&inv.instance),
+            name: SmolStr::new_static(name),
+            namespace: inv.namespace.clone(),
             timestamp,
             version: Envelope::VERSION,
-            topic: self.topics.build_events.clone(),
+            topic: self.build_events_topic.clone(),
             key: inv.invocation_id.clone(),
             attributes,
             payload: Payload::default(),
@@ -617,9 +660,9 @@ fn build_event_name(event: &pb::bes::build_event::Event) -> &'static str {
     }
 }
 
-fn instance_or_default(instance: &str) -> String {
+fn instance_or_default(instance: &str) -> SmolStr {
     if instance.is_empty() {
-        "default".into()
+        SmolStr::new_static("default")
     } else {
         instance.into()
     }
@@ -627,15 +670,15 @@ fn instance_or_default(instance: &str) -> String {
 
 /// The envelope id of a notification: its UUID as 32 hex digits (the
 /// AccelByte form), or a v5 UUID of it when it is not a UUID.
-pub fn notification_envelope_id(notification_id: &str) -> String {
+pub fn notification_envelope_id(notification_id: &str) -> SmolStr {
     match Uuid::parse_str(notification_id) {
-        Ok(u) => u.simple().to_string(),
+        Ok(u) => SmolStr::new(u.simple().encode_lower(&mut [0u8; 32])),
         Err(_) => v5_simple(&ID_NAMESPACE, notification_id.as_bytes()),
     }
 }
 
 /// The envelope id of the `seq`-th event of an invocation.
-pub fn build_event_id(invocation_id: &str, seq: u64) -> String {
+pub fn build_event_id(invocation_id: &str, seq: u64) -> SmolStr {
     // The name `<invocation>/<seq>`, hashed in parts (no buffer).
     v5_simple_parts(
         &ID_NAMESPACE,
@@ -651,12 +694,12 @@ pub fn build_event_id(invocation_id: &str, seq: u64) -> String {
 /// digits, exactly `Uuid::new_v5(namespace, name).simple()`, hashed by
 /// the `sha1` crate, which uses the CPU's SHA instructions where it has
 /// them (the SHA-1 inside `uuid` is portable code, several times slower).
-pub fn v5_simple(namespace: &Uuid, name: &[u8]) -> String {
+pub fn v5_simple(namespace: &Uuid, name: &[u8]) -> SmolStr {
     v5_simple_parts(namespace, &[name])
 }
 
 /// [`v5_simple`] of the concatenation of `parts`.
-fn v5_simple_parts(namespace: &Uuid, parts: &[&[u8]]) -> String {
+fn v5_simple_parts(namespace: &Uuid, parts: &[&[u8]]) -> SmolStr {
     use sha1::{Digest, Sha1};
     let mut hasher = Sha1::new();
     hasher.update(namespace.as_bytes());
@@ -669,20 +712,17 @@ fn v5_simple_parts(namespace: &Uuid, parts: &[&[u8]]) -> String {
     bytes[6] = (bytes[6] & 0x0f) | 0x50; // version 5
     bytes[8] = (bytes[8] & 0x3f) | 0x80; // RFC 9562 variant
     let mut hex = [0u8; 32];
-    Uuid::from_bytes(bytes)
-        .simple()
-        .encode_lower(&mut hex)
-        .to_string()
+    SmolStr::new(Uuid::from_bytes(bytes).simple().encode_lower(&mut hex))
 }
 
-fn now_rfc3339() -> String {
+fn now_rfc3339() -> SmolStr {
     rfc3339(&prost_types::Timestamp::from(std::time::SystemTime::now()))
 }
 
-fn rfc3339(t: &prost_types::Timestamp) -> String {
+fn rfc3339(t: &prost_types::Timestamp) -> SmolStr {
     let mut s = String::with_capacity(30);
     crate::json::push_timestamp(&mut s, t);
-    s
+    SmolStr::new(s)
 }
 
 #[cfg(test)]

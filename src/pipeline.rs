@@ -372,10 +372,10 @@ fn dead_letter_copy(env: &Envelope, sink: &dyn Sink, error: &SinkError) -> Arc<E
     let mut event = env.event().clone();
     event
         .attributes
-        .insert("dead_letter_reason".into(), error.to_string());
+        .insert("dead_letter_reason".into(), error.to_string().into());
     event
         .attributes
-        .insert("dead_letter_sink".into(), sink.describe().to_string());
+        .insert("dead_letter_sink".into(), sink.describe().into());
     Arc::new(Envelope::new(event))
 }
 

@@ -752,7 +752,7 @@ impl Source {
         loop {
             let req = es::GetInvocationRequest {
                 instance_name: inv.instance.clone(),
-                invocation_id: inv.invocation_id.clone(),
+                invocation_id: inv.invocation_id.to_string(),
                 continuation_token: continuation.clone(),
                 replay_mode: self.cfg.replay as i32,
             };

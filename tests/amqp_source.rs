@@ -484,7 +484,7 @@ impl evbridge::sinks::Sink for RejectFirst {
     ) -> Result<(), evbridge::sinks::BatchError> {
         let mut seen = self.seen.lock().unwrap();
         for (i, env) in batch.iter().enumerate() {
-            seen.push(env.id.clone());
+            seen.push(env.id.to_string());
             if seen.len() == 1 {
                 return Err(evbridge::sinks::BatchError::new(
                     i,

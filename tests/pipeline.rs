@@ -168,7 +168,7 @@ async fn a_stalled_sink_stops_intake_at_max_in_flight() {
 
 fn envelope(i: usize) -> Envelope {
     Envelope::new(evbridge::sinks::Event {
-        id: format!("e{i}"),
+        id: format!("e{i}").into(),
         name: "test".into(),
         namespace: "default".into(),
         timestamp: "2026-11-25T00:00:00Z".into(),

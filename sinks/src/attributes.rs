@@ -1,21 +1,22 @@
 //! An envelope's attributes: a few name → value strings, kept sorted.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Index;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use smol_str::SmolStr;
 
 /// Flat string facts about an event (ids, principal, keywords) that sinks
 /// turn into headers, routing keys and topic names.
 ///
 /// A sorted vector rather than a map: an envelope has about six, their
-/// names are usually static (no allocation), and an encoder that adds
-/// them in order appends without searching. Iteration is by name, as a
+/// names and most values are short (kept inline, no allocation), long
+/// values are shared when cloned, and an encoder that adds them in order
+/// appends without searching. Iteration is by name, as a
 /// `BTreeMap`'s; inserting a name again replaces its value.
 #[derive(Clone, Default, PartialEq, Eq)]
-pub struct Attributes(Vec<(Cow<'static, str>, String)>);
+pub struct Attributes(Vec<(SmolStr, SmolStr)>);
 
 impl Attributes {
     /// Room for `n` attributes.
@@ -24,13 +25,13 @@ impl Attributes {
     }
 
     /// Sets `name` to `value`, returning the value it replaces.
-    pub fn insert(&mut self, name: Cow<'static, str>, value: String) -> Option<String> {
+    pub fn insert(&mut self, name: SmolStr, value: SmolStr) -> Option<SmolStr> {
         // Appending in order (what encoders do) needs no search.
         if self.0.last().is_none_or(|(last, _)| *last < name) {
             self.0.push((name, value));
             return None;
         }
-        match self.0.binary_search_by(|(n, _)| n.as_ref().cmp(&name)) {
+        match self.0.binary_search_by(|(n, _)| n.as_str().cmp(&name)) {
             Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
             Err(i) => {
                 self.0.insert(i, (name, value));
@@ -40,9 +41,9 @@ impl Attributes {
     }
 
     /// The value of `name`.
-    pub fn get(&self, name: &str) -> Option<&String> {
+    pub fn get(&self, name: &str) -> Option<&SmolStr> {
         self.0
-            .binary_search_by(|(n, _)| n.as_ref().cmp(name))
+            .binary_search_by(|(n, _)| n.as_str().cmp(name))
             .ok()
             .map(|i| &self.0[i].1)
     }
@@ -53,8 +54,8 @@ impl Attributes {
     }
 
     /// Name and value pairs, by name.
-    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&str, &String)> + ExactSizeIterator {
-        self.0.iter().map(|(n, v)| (n.as_ref(), v))
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&str, &SmolStr)> + ExactSizeIterator {
+        self.0.iter().map(|(n, v)| (n.as_str(), v))
     }
 
     /// How many there are.
@@ -74,10 +75,10 @@ impl Attributes {
 }
 
 impl Index<&str> for Attributes {
-    type Output = String;
+    type Output = SmolStr;
 
     /// Panics when `name` is not set, as a map's index does.
-    fn index(&self, name: &str) -> &String {
+    fn index(&self, name: &str) -> &SmolStr {
         match self.get(name) {
             Some(v) => v,
             None => panic!("no attribute `{name}`"),
@@ -86,7 +87,7 @@ impl Index<&str> for Attributes {
 }
 
 impl<'a> IntoIterator for &'a Attributes {
-    type Item = (&'a str, &'a String);
+    type Item = (&'a str, &'a SmolStr);
     type IntoIter = Box<dyn Iterator<Item = Self::Item> + 'a>;
 
     fn into_iter(self) -> Self::IntoIter {
@@ -94,7 +95,7 @@ impl<'a> IntoIterator for &'a Attributes {
     }
 }
 
-impl<N: Into<Cow<'static, str>>, V: Into<String>> FromIterator<(N, V)> for Attributes {
+impl<N: Into<SmolStr>, V: Into<SmolStr>> FromIterator<(N, V)> for Attributes {
     fn from_iter<I: IntoIterator<Item = (N, V)>>(iter: I) -> Self {
         let mut out = Attributes::default();
         for (n, v) in iter {
@@ -104,7 +105,7 @@ impl<N: Into<Cow<'static, str>>, V: Into<String>> FromIterator<(N, V)> for Attri
     }
 }
 
-impl<N: Into<Cow<'static, str>>, V: Into<String>, const L: usize> From<[(N, V); L]> for Attributes {
+impl<N: Into<SmolStr>, V: Into<SmolStr>, const L: usize> From<[(N, V); L]> for Attributes {
     fn from(pairs: [(N, V); L]) -> Self {
         pairs.into_iter().collect()
     }
@@ -113,7 +114,7 @@ impl<N: Into<Cow<'static, str>>, V: Into<String>, const L: usize> From<[(N, V); 
 impl From<BTreeMap<String, String>> for Attributes {
     fn from(map: BTreeMap<String, String>) -> Self {
         // Already sorted and unique.
-        Attributes(map.into_iter().map(|(n, v)| (Cow::Owned(n), v)).collect())
+        Attributes(map.into_iter().map(|(n, v)| (n.into(), v.into())).collect())
     }
 }
 
@@ -149,12 +150,18 @@ mod tests {
             let name = format!("k{}", (x >> 33) % 40);
             let value = i.to_string();
             assert_eq!(
-                a.insert(name.clone().into(), value.clone()),
-                m.insert(name.clone(), value)
+                a.insert(name.clone().into(), value.clone().into()),
+                m.insert(name.clone(), value).map(SmolStr::from)
             );
-            assert_eq!(a.get(&name), m.get(&name));
+            assert_eq!(
+                a.get(&name).map(SmolStr::as_str),
+                m.get(&name).map(String::as_str)
+            );
         }
-        let pairs: Vec<_> = a.iter().map(|(n, v)| (n.to_string(), v.clone())).collect();
+        let pairs: Vec<_> = a
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
         let expected: Vec<_> = m.clone().into_iter().collect();
         assert_eq!(pairs, expected);
         assert_eq!(a, Attributes::from(m));

@@ -94,14 +94,14 @@ impl CloudEvents {
     pub(crate) fn attributes(&self, env: &Envelope) -> Vec<(String, String)> {
         let mut out = Vec::with_capacity(8 + env.attributes.len());
         out.push(("specversion".into(), "1.0".into()));
-        out.push(("id".into(), env.id.clone()));
+        out.push(("id".into(), env.id.to_string()));
         out.push(("source".into(), self.source.render(env, |_| true)));
         out.push(("type".into(), self.kind.render(env, |_| true)));
         if !env.timestamp.is_empty() {
-            out.push(("time".into(), env.timestamp.clone()));
+            out.push(("time".into(), env.timestamp.to_string()));
         }
         if !env.key.is_empty() {
-            out.push(("subject".into(), env.key.clone()));
+            out.push(("subject".into(), env.key.to_string()));
         }
         let fields = [("namespace", &env.namespace), ("topic", &env.topic)];
         let extensions = fields
@@ -111,7 +111,7 @@ impl CloudEvents {
         for (name, value) in extensions {
             let taken = RESERVED.contains(&name.as_str()) || out.iter().any(|(n, _)| *n == name);
             if !name.is_empty() && !value.is_empty() && !taken {
-                out.push((name, value.clone()));
+                out.push((name, value.to_string()));
             }
         }
         out

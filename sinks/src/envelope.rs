@@ -1,6 +1,7 @@
 //! The one shape every event takes on its way to a sink.
 
 use crate::Attributes;
+use smol_str::SmolStr;
 use std::fmt;
 use std::ops::Deref;
 
@@ -17,20 +18,20 @@ use serde_json::value::RawValue;
 pub struct Event {
     /// Deterministic: a redelivered notification yields the same ids, which
     /// makes at-least-once duplicates easy to drop downstream.
-    pub id: String,
+    pub id: SmolStr,
     /// Short machine name such as `invocation_finished` or `bazel_event`.
-    pub name: String,
+    pub name: SmolStr,
     /// The EngFlow instance name.
-    pub namespace: String,
+    pub namespace: SmolStr,
     /// The event's own time, RFC 3339 UTC.
-    pub timestamp: String,
+    pub timestamp: SmolStr,
     /// Schema version of the envelope (AccelByte's `version`).
     pub version: u32,
     /// Logical stream (`lifecycle`, `build-events`) that sinks may map to a
     /// real topic or routing key.
-    pub topic: String,
+    pub topic: SmolStr,
     /// Partition/ordering key: events with the same key keep their order.
-    pub key: String,
+    pub key: SmolStr,
     /// Flat string facts (keywords, principal, ids) for headers and routing.
     #[serde(default, skip_serializing_if = "Attributes::is_empty")]
     pub attributes: Attributes,

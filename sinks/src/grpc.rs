@@ -163,7 +163,7 @@ async fn forward(channel: Channel, env: Arc<Envelope>, timeout: Duration) -> Res
         .map_err(|e| SinkError::Retryable(format!("connecting: {e}")))?;
     let payload = String::from_utf8_lossy(env.json()).into_owned();
     let mut request = tonic::Request::new(EngFlowRequest {
-        id: env.id.clone(),
+        id: env.id.to_string(),
         payload,
     });
     request.set_timeout(timeout);

@@ -4,6 +4,7 @@
 //!
 //! # Layout
 //! - `envelope`: the normalized event and its JSON, encoded once.
+//! - `attributes`: the envelope's sorted name → value strings.
 //! - `error`: [`SinkError`] (retryable or permanent), [`BatchError`],
 //!   [`OpenError`] for bad URLs.
 //! - `options`: query-string options, strict about unknown keys, and
@@ -59,6 +60,7 @@ pub use error::{BatchError, OpenError, SinkError};
 pub use grpc::{EngFlowRequest, EngFlowResponse};
 pub use inbound::{ACCEPTED_SOURCES, Ack, Delivery, Inbound, open_inbound};
 pub use options::{Options, redact};
+pub use smol_str::SmolStr;
 pub use stdout::{Format, WriterSink};
 pub use template::{PLACEHOLDERS, Template};
 

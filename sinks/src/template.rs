@@ -1,6 +1,8 @@
 //! Per-envelope names from templates such as `{namespace}.{name}`: Kafka
 //! topics, record keys and (later) routing keys.
 
+use smol_str::SmolStr;
+
 use crate::Envelope;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,7 +97,7 @@ impl Template {
                 Part::Name => env.name.as_str(),
                 Part::Key => env.key.as_str(),
                 Part::Id => env.id.as_str(),
-                Part::Attr(a) => env.attributes.get(a).map_or("none", String::as_str),
+                Part::Attr(a) => env.attributes.get(a).map_or("none", SmolStr::as_str),
             };
             out.extend(value.chars().map(|c| if keep(c) { c } else { '_' }));
         }

@@ -279,7 +279,7 @@ impl Sink for StallAfter {
         self.offered
             .lock()
             .unwrap()
-            .extend(batch.iter().map(|e| e.id.clone()));
+            .extend(batch.iter().map(|e| e.id.to_string()));
         let mut confirmed = self.confirmed.lock().unwrap();
         let room = self.ok.saturating_sub(*confirmed).min(batch.len());
         *confirmed += room;
