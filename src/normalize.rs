@@ -87,7 +87,15 @@ struct StreamKey {
 
 impl SharedJson {
     fn new(topic: &str, namespace: &str, inv: &Invocation, command_name: Option<&str>) -> Self {
-        let mut s = SharedJson::default();
+        let mut s = SharedJson {
+            namespace: String::with_capacity(32 + namespace.len()),
+            head: String::with_capacity(
+                80 + topic.len() + inv.invocation_id.len() + inv.build_id.len(),
+            ),
+            command: String::with_capacity(24 + command_name.map_or(0, str::len)),
+            tail: String::with_capacity(48 + inv.invocation_id.len() + inv.notification_id.len()),
+            stream: OnceLock::new(),
+        };
         s.namespace.push_str("\",\"namespace\":");
         push_json_str(&mut s.namespace, namespace);
         s.namespace.push_str(",\"timestamp\":\"");
@@ -125,6 +133,8 @@ pub struct RenderedKeywords {
     pub command_name: Option<SmolStr>,
     /// The `parsedKeywords` object (empty when there are none).
     pub json: String,
+    /// The keywords as a JSON array of strings (the payload's `keywords`).
+    pub array: String,
 }
 
 impl RenderedKeywords {
@@ -137,10 +147,18 @@ impl RenderedKeywords {
             keywords.write(&mut w);
             w.finish().0
         };
+        let mut w = JsonWriter::with_capacity(raw.iter().map(|k| k.len() + 3).sum::<usize>() + 2);
+        w.begin_array();
+        for k in raw {
+            w.elem();
+            w.str(k);
+        }
+        w.end_array();
         RenderedKeywords {
             raw: raw.to_vec(),
             command_name: keywords.command_name.map(SmolStr::from),
             json,
+            array: w.finish().0,
         }
     }
 }
@@ -172,7 +190,13 @@ pub struct Normalizer {
     /// The topics as envelopes carry them (cloned, not copied, into each).
     lifecycle_topic: SmolStr,
     build_events_topic: SmolStr,
+    /// Keywords rendered lately: a build's notifications (and those of
+    /// builds running at once) repeat the same few sets.
+    recent_keywords: Arc<std::sync::Mutex<Vec<Arc<RenderedKeywords>>>>,
 }
+
+/// How many keyword sets [`Normalizer`] keeps rendered.
+const RECENT_KEYWORDS: usize = 16;
 
 impl Default for Normalizer {
     fn default() -> Self {
@@ -187,7 +211,28 @@ impl Normalizer {
             lifecycle_topic: topics.lifecycle.as_str().into(),
             build_events_topic: topics.build_events.as_str().into(),
             topics,
+            recent_keywords: Arc::default(),
         }
+    }
+
+    /// `raw` parsed and rendered: from the recent ones when it is one of
+    /// them (most recently used first), else rendered now and remembered.
+    fn rendered_keywords(&self, raw: &[String]) -> Arc<RenderedKeywords> {
+        let mut recent = self
+            .recent_keywords
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = recent.iter().position(|k| k.raw == raw) {
+            let found = recent[i].clone();
+            recent[..=i].rotate_right(1);
+            return found;
+        }
+        let rendered = Arc::new(RenderedKeywords::from_parsed(raw, &Keywords::parse(raw)));
+        if recent.len() == RECENT_KEYWORDS {
+            recent.pop();
+        }
+        recent.insert(0, rendered.clone());
+        rendered
     }
 
     /// The lifecycle envelope of one notification.
@@ -271,9 +316,9 @@ impl Normalizer {
                 user.principal.as_str().into(),
             );
         }
-        let keywords = Keywords::parse(&l.keywords);
-        if let Some(cmd) = keywords.command_name {
-            attributes.insert(SmolStr::new_static("command_name"), cmd.into());
+        let keywords = self.rendered_keywords(&l.keywords);
+        if let Some(cmd) = &keywords.command_name {
+            attributes.insert(SmolStr::new_static("command_name"), cmd.clone());
         }
 
         let fetch = match &l.kind {
@@ -285,30 +330,34 @@ impl Normalizer {
                     invocation_id: i.invocation_id.as_str().into(),
                     namespace: namespace.clone(),
                     timestamp: timestamp.clone(),
-                    keywords: Arc::new(RenderedKeywords::from_parsed(&l.keywords, &keywords)),
+                    keywords: keywords.clone(),
                     parts: Arc::default(),
                 };
                 inv.parts = Arc::new(SharedJson::new(
                     &self.topics.build_events,
                     &namespace,
                     &inv,
-                    keywords.command_name,
+                    keywords.command_name.as_deref(),
                 ));
                 Some(inv)
             }
             _ => None,
         };
-        // Rendered once for an invocation (its events reuse it), else
-        // written as the payload is.
-        let keywords_json = match &fetch {
-            Some(inv) => KeywordsJson::Rendered(&inv.keywords.json),
-            None => KeywordsJson::Parsed(&keywords),
-        };
         let mut problems = Vec::new();
         let envelope = Envelope::with_payload(
             event(name, namespace, key, attributes, Payload::default()),
             PAYLOAD_HINT,
-            |out| problems = write_payload(out, &l, keywords_json),
+            |out| {
+                let start = out.len();
+                problems = write_lifecycle(out, &l, &keywords);
+                #[cfg(debug_assertions)]
+                {
+                    let mut generic = String::new();
+                    write_payload(&mut generic, &l, KeywordsJson::Rendered(&keywords.json));
+                    assert_eq!(generic, out[start..], "rendered keywords differ");
+                }
+                let _ = start;
+            },
         );
         Lifecycle {
             envelope,
@@ -482,6 +531,58 @@ fn stream_members<'a>(
         // Without the opening brace.
         (key, w.finish().0.split_off(1))
     })
+}
+
+/// Appends a lifecycle notification's payload as [`write_payload`] would,
+/// with its keywords (array and `parsedKeywords`) as rendered before.
+fn write_lifecycle(
+    out: &mut String,
+    l: &es::BuildLifecycleEventNotification,
+    keywords: &RenderedKeywords,
+) -> Vec<String> {
+    use es::build_lifecycle_event_notification::Kind;
+    let mut w = JsonWriter::over(std::mem::take(out));
+    w.begin_object();
+    if !l.instance_name.is_empty() {
+        w.key("instanceName");
+        w.str(&l.instance_name);
+    }
+    if !l.build_id.is_empty() {
+        w.key("buildId");
+        w.str(&l.build_id);
+    }
+    if let Some(a) = &l.auth_context {
+        w.key("authContext");
+        a.write_json(&mut w);
+    }
+    if !l.keywords.is_empty() {
+        w.key("keywords");
+        w.raw(&keywords.array);
+    }
+    match &l.kind {
+        Some(Kind::BuildStarted(v)) => {
+            w.key("buildStarted");
+            v.write_json(&mut w);
+        }
+        Some(Kind::BuildFinished(v)) => {
+            w.key("buildFinished");
+            v.write_json(&mut w);
+        }
+        Some(Kind::InvocationStarted(v)) => {
+            w.key("invocationStarted");
+            v.write_json(&mut w);
+        }
+        Some(Kind::InvocationFinished(v)) => {
+            w.key("invocationFinished");
+            v.write_json(&mut w);
+        }
+        None => {}
+    }
+    write_keywords(&mut w, KeywordsJson::Rendered(&keywords.json));
+    w.end_object();
+    let (text, problems) = w.finish();
+    *out = text;
+    problems
 }
 
 /// Appends a streamed event's payload as [`write_payload`] would, with the
@@ -728,6 +829,31 @@ fn rfc3339(t: &prost_types::Timestamp) -> SmolStr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recent_keywords_are_reused_and_bounded() {
+        let norm = Normalizer::default();
+        let set = |i: usize| vec![format!("command_name=c{i}"), "user_keyword=a=b".to_string()];
+        let first = norm.rendered_keywords(&set(0));
+        assert!(Arc::ptr_eq(&first, &norm.rendered_keywords(&set(0))));
+        assert_eq!(first.command_name.as_deref(), Some("c0"));
+        assert_eq!(first.array, r#"["command_name=c0","user_keyword=a=b"]"#);
+        assert_eq!(
+            first.json,
+            r#"{"commandName":"c0","userKeywords":{"a":"b"}}"#
+        );
+        for i in 1..=RECENT_KEYWORDS {
+            assert_eq!(
+                norm.rendered_keywords(&set(i)).command_name.as_deref(),
+                Some(format!("c{i}").as_str())
+            );
+        }
+        // Pushed out by newer sets: rendered again, the same.
+        let again = norm.rendered_keywords(&set(0));
+        assert!(!Arc::ptr_eq(&first, &again));
+        assert_eq!(*first, *again);
+        assert_eq!(norm.recent_keywords.lock().unwrap().len(), RECENT_KEYWORDS);
+    }
 
     #[test]
     fn build_event_ids_are_v5_of_invocation_and_sequence() {
