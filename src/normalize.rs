@@ -559,24 +559,16 @@ fn write_lifecycle(
         w.key("keywords");
         w.raw(&keywords.array);
     }
-    match &l.kind {
-        Some(Kind::BuildStarted(v)) => {
-            w.key("buildStarted");
-            v.write_json(&mut w);
-        }
-        Some(Kind::BuildFinished(v)) => {
-            w.key("buildFinished");
-            v.write_json(&mut w);
-        }
-        Some(Kind::InvocationStarted(v)) => {
-            w.key("invocationStarted");
-            v.write_json(&mut w);
-        }
-        Some(Kind::InvocationFinished(v)) => {
-            w.key("invocationFinished");
-            v.write_json(&mut w);
-        }
-        None => {}
+    let kind: Option<(&str, &dyn ProtoJson)> = match &l.kind {
+        Some(Kind::BuildStarted(v)) => Some(("buildStarted", v)),
+        Some(Kind::BuildFinished(v)) => Some(("buildFinished", v)),
+        Some(Kind::InvocationStarted(v)) => Some(("invocationStarted", v)),
+        Some(Kind::InvocationFinished(v)) => Some(("invocationFinished", v)),
+        None => None,
+    };
+    if let Some((name, v)) = kind {
+        w.key(name);
+        v.write_json(&mut w);
     }
     write_keywords(&mut w, KeywordsJson::Rendered(&keywords.json));
     w.end_object();
