@@ -63,6 +63,12 @@ def start_sim(builds, events_per_invocation):
     return sim, url
 
 
+def proc_cpu(pid):
+    """CPU seconds a running process has used so far (Linux /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_usage(proc, timeout):
     """Waits for `proc` (at most `timeout` s, None = for ever) and returns
     its resource usage, or None if it is still running."""
@@ -84,6 +90,8 @@ def bridge_run(events, sink, stop_after=None):
     # The generator makes one or two invocations per build (1.5 on average).
     builds = max(1, round(events / per_invocation / 1.5))
     sim, url = start_sim(builds, per_invocation)
+    # What it spent generating and encoding its world, before serving.
+    sim_startup = proc_cpu(sim.pid)
     start = time.perf_counter()
     bridge = subprocess.Popen(
         [BIN, "--source", url, "--sink", sink, "--stats-interval", "0",
@@ -116,7 +124,7 @@ def bridge_run(events, sink, stop_after=None):
         "events": report.get("invocation_events"),
         "envelopes": envelopes,
         "cpu": usage.ru_utime + usage.ru_stime,
-        "sim_cpu": sim_usage.ru_utime + sim_usage.ru_stime,
+        "sim_cpu": sim_usage.ru_utime + sim_usage.ru_stime - sim_startup,
         "rss_mib": usage.ru_maxrss / 1024,
         "exit": bridge.returncode,
     }
@@ -162,20 +170,26 @@ def main():
                      "≥ 1,000,000/s/core", f"{rate / 1e6:.2f}× target"))
 
     print(f"sim -> bridge -> blackhole, {args.events:,} events...", file=sys.stderr)
-    fast = bridge_run(args.events, "blackhole://")
+    # Three runs, the median reported: one run varies by ±10 % here.
+    runs = [bridge_run(args.events, "blackhole://") for _ in range(3)]
+    runs = sorted((r for r in runs if r["finished"]),
+                  key=lambda r: r["envelopes"] / r["seconds"])
+    fast = runs[len(runs) // 2] if runs else {"finished": False}
     if fast["finished"]:
         rate = fast["envelopes"] / fast["seconds"]
-        rows.append(("sim → bridge → blackhole", f"{rate:,.0f} envelopes/s "
-                     f"({fast['envelopes']:,} in {fast['seconds']:.2f} s from first delivery to "
-                     f"last ack; {fast['envelopes'] / fast['wall']:,.0f}/s over the "
-                     f"{fast['wall']:.2f} s wall time with process start and exit)",
+        every = ", ".join(f"{r['envelopes'] / r['seconds']:,.0f}" for r in runs)
+        rows.append(("sim → bridge → blackhole", f"{rate:,.0f} envelopes/s, median of "
+                     f"{len(runs)} runs ({every}); {fast['envelopes']:,} in {fast['seconds']:.2f} s "
+                     f"from first delivery to last ack, {fast['envelopes'] / fast['wall']:,.0f}/s "
+                     f"over the {fast['wall']:.2f} s wall time with process start and exit",
                      "≥ 300,000/s on 2 cores", f"{rate / 300_000:.2f}× target"))
         bridge_us = fast["cpu"] * 1e6 / fast["envelopes"]
         sim_us = fast["sim_cpu"] * 1e6 / fast["envelopes"]
         rows.append(("bridge CPU per envelope", f"{bridge_us:.2f} µs",
                      "≤ 6.67 µs = 2 cores / 300,000/s", f"{fast['cpu']:.1f} CPU-s for the run"))
         rows.append(("simulator CPU per envelope", f"{sim_us:.2f} µs",
-                     "shares the 2 cores", f"{fast['sim_cpu']:.1f} CPU-s for the run"))
+                     "shares the 2 cores", f"{fast['sim_cpu']:.1f} CPU-s while serving "
+                     "(world generation before it left out)"))
         rows.append(("bridge alone on 2 cores (2 / CPU per envelope)",
                      f"{2e6 / bridge_us:,.0f} envelopes/s", "≥ 300,000/s on 2 cores",
                      f"{2e6 / bridge_us / 300_000:.2f}× target"))
