@@ -118,7 +118,7 @@ def bridge_run(events, sink, stop_after=None):
     delivery = report.get("delivery_us")
     return {
         "finished": finished,
-        "seconds": delivery / 1e6 if finished and delivery else elapsed,
+        "seconds": delivery / 1e6 if finished and delivery else None,
         "wall": elapsed,
         "notifications": report.get("notifications"),
         "events": report.get("invocation_events"),
@@ -171,15 +171,17 @@ def main():
 
     print(f"sim -> bridge -> blackhole, {args.events:,} events...", file=sys.stderr)
     # Three runs, the median reported: one run varies by ±10 % here.
-    runs = [bridge_run(args.events, "blackhole://") for _ in range(3)]
-    runs = sorted((r for r in runs if r["finished"]),
+    # Every run is rated over the simulator's delivery window; one without
+    # it (did not finish, or an old simulator) makes the row fail.
+    all_runs = [bridge_run(args.events, "blackhole://") for _ in range(3)]
+    runs = sorted((r for r in all_runs if r["seconds"]),
                   key=lambda r: r["envelopes"] / r["seconds"])
-    fast = runs[len(runs) // 2] if runs else {"finished": False}
+    fast = runs[1] if len(runs) == 3 else {"finished": False}
     if fast["finished"]:
         rate = fast["envelopes"] / fast["seconds"]
         every = ", ".join(f"{r['envelopes'] / r['seconds']:,.0f}" for r in runs)
         rows.append(("sim → bridge → blackhole", f"{rate:,.0f} envelopes/s, median of "
-                     f"{len(runs)} runs ({every}); {fast['envelopes']:,} in {fast['seconds']:.2f} s "
+                     f"3 runs ({every}); {fast['envelopes']:,} in {fast['seconds']:.2f} s "
                      f"from first delivery to last ack, {fast['envelopes'] / fast['wall']:,.0f}/s "
                      f"over the {fast['wall']:.2f} s wall time with process start and exit",
                      "≥ 300,000/s on 2 cores", f"{rate / 300_000:.2f}× target"))
@@ -196,7 +198,9 @@ def main():
         rows.append(("peak RSS, fast sink", f"{fast['rss_mib']:.0f} MiB",
                      f"{args.events:,} events", ""))
     else:
-        rows.append(("sim → bridge → blackhole", "did not finish", "", ""))
+        rows.append(("sim → bridge → blackhole",
+                     f"{3 - len(runs)} of 3 runs did not finish or had no delivery window",
+                     "", ""))
 
     slow_seconds = 20
     print(f"sim -> bridge -> slow sink ({args.slow_rate}/s) for {slow_seconds}s...", file=sys.stderr)

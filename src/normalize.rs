@@ -37,7 +37,11 @@ impl Default for Topics {
 
 /// The invocation whose build events a notification asks to fetch, with
 /// the context every one of its envelopes carries.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Only [`Normalizer::lifecycle`] makes one (a field is private to the
+/// crate), so the JSON it rendered always matches its fields: read them,
+/// do not change them.
+#[derive(Debug, Clone)]
 pub struct Invocation {
     /// Id of the notification that announced it (for logs).
     pub notification_id: SmolStr,
@@ -55,13 +59,13 @@ pub struct Invocation {
     /// usually carry the same ones.
     pub keywords: Arc<RenderedKeywords>,
     /// The JSON its build-event envelopes share, rendered once.
-    pub parts: Arc<SharedJson>,
+    pub(crate) parts: Arc<SharedJson>,
 }
 
 /// JSON text every build-event envelope of one invocation repeats,
 /// rendered once: writing it field by field (escaping each string) was the
 /// larger part of the cost of an envelope.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct SharedJson {
     /// `","namespace":"…","timestamp":"`, between the name and the time.
     namespace: String,
@@ -86,14 +90,13 @@ struct StreamKey {
 }
 
 impl SharedJson {
-    fn new(topic: &str, namespace: &str, inv: &Invocation, command_name: Option<&str>) -> Self {
+    fn new(topic: &str, namespace: &str, ids: [&str; 3], command_name: Option<&str>) -> Self {
+        let [build_id, invocation_id, notification_id] = ids;
         let mut s = SharedJson {
             namespace: String::with_capacity(32 + namespace.len()),
-            head: String::with_capacity(
-                80 + topic.len() + inv.invocation_id.len() + inv.build_id.len(),
-            ),
+            head: String::with_capacity(80 + topic.len() + invocation_id.len() + build_id.len()),
             command: String::with_capacity(24 + command_name.map_or(0, str::len)),
-            tail: String::with_capacity(48 + inv.invocation_id.len() + inv.notification_id.len()),
+            tail: String::with_capacity(48 + invocation_id.len() + notification_id.len()),
             stream: OnceLock::new(),
         };
         s.namespace.push_str("\",\"namespace\":");
@@ -105,17 +108,17 @@ impl SharedJson {
         head.push_str(",\"topic\":");
         push_json_str(head, topic);
         head.push_str(",\"key\":");
-        push_json_str(head, &inv.invocation_id);
+        push_json_str(head, invocation_id);
         head.push_str(",\"attributes\":{\"build_id\":");
-        push_json_str(head, &inv.build_id);
+        push_json_str(head, build_id);
         if let Some(cmd) = command_name {
             s.command.push_str(",\"command_name\":");
             push_json_str(&mut s.command, cmd);
         }
         s.tail.push_str(",\"invocation_id\":");
-        push_json_str(&mut s.tail, &inv.invocation_id);
+        push_json_str(&mut s.tail, invocation_id);
         s.tail.push_str(",\"notification_id\":");
-        push_json_str(&mut s.tail, &inv.notification_id);
+        push_json_str(&mut s.tail, notification_id);
         s
     }
 
@@ -218,16 +221,22 @@ impl Normalizer {
     /// `raw` parsed and rendered: from the recent ones when it is one of
     /// them (most recently used first), else rendered now and remembered.
     fn rendered_keywords(&self, raw: &[String]) -> Arc<RenderedKeywords> {
-        let mut recent = self
-            .recent_keywords
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = recent.iter().position(|k| k.raw == raw) {
-            let found = recent[i].clone();
-            recent[..=i].rotate_right(1);
-            return found;
+        let recent = || {
+            self.recent_keywords
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+        };
+        {
+            let mut recent = recent();
+            if let Some(i) = recent.iter().position(|k| k.raw == raw) {
+                let found = recent[i].clone();
+                recent[..=i].rotate_right(1);
+                return found;
+            }
         }
+        // Rendered without holding the lock.
         let rendered = Arc::new(RenderedKeywords::from_parsed(raw, &Keywords::parse(raw)));
+        let mut recent = recent();
         if recent.len() == RECENT_KEYWORDS {
             recent.pop();
         }
@@ -323,7 +332,13 @@ impl Normalizer {
 
         let fetch = match &l.kind {
             Some(Kind::InvocationFinished(i)) => {
-                let mut inv = Invocation {
+                let parts = SharedJson::new(
+                    &self.topics.build_events,
+                    &namespace,
+                    [&l.build_id, &i.invocation_id, &n.id],
+                    keywords.command_name.as_deref(),
+                );
+                Some(Invocation {
                     notification_id: n.id.as_str().into(),
                     instance: l.instance_name.clone(),
                     build_id: build_id.clone(),
@@ -331,15 +346,8 @@ impl Normalizer {
                     namespace: namespace.clone(),
                     timestamp: timestamp.clone(),
                     keywords: keywords.clone(),
-                    parts: Arc::default(),
-                };
-                inv.parts = Arc::new(SharedJson::new(
-                    &self.topics.build_events,
-                    &namespace,
-                    &inv,
-                    keywords.command_name.as_deref(),
-                ));
-                Some(inv)
+                    parts: Arc::new(parts),
+                })
             }
             _ => None,
         };

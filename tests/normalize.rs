@@ -409,3 +409,91 @@ fn hostile_input_never_panics() {
     });
     assert!(out.envelope.json().len() > 8 * 1024 * 1024);
 }
+
+/// `notification` with other ids: an instance, build, notification and
+/// invocation id that all need escaping in JSON.
+fn with_odd_ids(mut n: nq::Notification) -> nq::Notification {
+    let any = n.payload.as_mut().expect("has a payload");
+    let mut l = es::BuildLifecycleEventNotification::decode(any.value.as_slice()).unwrap();
+    l.instance_name = "ci \"east\"\n\\".into();
+    l.build_id = "b\"1\u{1}".into();
+    if let Some(es::build_lifecycle_event_notification::Kind::InvocationFinished(i)) = &mut l.kind {
+        i.invocation_id = "inv\t\"x\"".into();
+    }
+    any.value = l.encode_to_vec();
+    n.id = "not a \"uuid\"".into();
+    n
+}
+
+/// Build-event envelopes are written from parts rendered once per
+/// invocation. Each must be what the field-by-field encoder writes for its
+/// fields, and its payload what the generated encoder writes for the event
+/// (plain assertions, so this holds in release builds too), whatever the
+/// event looks like and in whatever order they come.
+#[test]
+fn prewritten_build_events_match_the_field_by_field_encoders() {
+    use evbridge::json::ProtoJson;
+    use evbridge::sinks::{Event, Payload};
+
+    fn progress(ev: &mut es::StreamedBuildEvent) -> &mut es::BuildProgressEvent {
+        ev.event.as_mut().expect("has an event")
+    }
+    let base = streamed(bazel(test_result().encode_to_vec()));
+    let vary = |f: &dyn Fn(&mut es::StreamedBuildEvent)| {
+        let mut ev = base.clone();
+        f(&mut ev);
+        ev
+    };
+    let events = [
+        base.clone(),
+        vary(&|ev| progress(ev).build_event.as_mut().unwrap().event_time = None),
+        vary(&|ev| ev.principal.clear()),
+        vary(&|ev| ev.principal = "eve \"q\"".into()),
+        vary(&|ev| ev.is_last = true),
+        vary(&|ev| {
+            ev.is_last = true;
+            ev.event = None;
+        }),
+        vary(&|ev| {
+            progress(ev).stream_id.as_mut().unwrap().component =
+                bes::stream_id::BuildComponent::Controller as i32
+        }),
+        vary(&|ev| progress(ev).service_level = Some(1)),
+        vary(&|ev| progress(ev).notification_keywords = vec!["command_name=run".into()]),
+        vary(&|ev| progress(ev).notification_keywords.clear()),
+        base.clone(),
+    ];
+    for note in [finished(), with_odd_ids(finished())] {
+        let norm = Normalizer::default();
+        let inv = norm.lifecycle(&note).fetch.expect("invocation_finished");
+        for (seq, ev) in events.iter().enumerate() {
+            let env = norm.build_event(&inv, seq as u64, ev).envelope;
+            let text = env.payload.text().into_owned();
+            let fields = Event {
+                payload: Payload::parse(text.clone()).unwrap(),
+                ..env.event().clone()
+            };
+            assert_eq!(
+                std::str::from_utf8(Envelope::new(fields).json()).unwrap(),
+                std::str::from_utf8(env.json()).unwrap(),
+                "event {seq}"
+            );
+            let mut w = JsonWriter::default();
+            ev.write_json(&mut w);
+            let mut want: serde_json::Value = serde_json::from_str(&w.finish().0).unwrap();
+            let raw = ev
+                .event
+                .as_ref()
+                .map_or(&[][..], |p| &p.notification_keywords);
+            let keywords = Keywords::parse(raw);
+            if !keywords.is_empty() {
+                let mut w = JsonWriter::default();
+                keywords.write(&mut w);
+                want["parsedKeywords"] = serde_json::from_str(&w.finish().0).unwrap();
+            }
+            let got: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(got, want, "event {seq}");
+            assert_eq!(env.key, inv.invocation_id);
+        }
+    }
+}
