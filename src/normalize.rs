@@ -194,12 +194,18 @@ pub struct Normalizer {
     lifecycle_topic: SmolStr,
     build_events_topic: SmolStr,
     /// Keywords rendered lately: a build's notifications (and those of
-    /// builds running at once) repeat the same few sets.
-    recent_keywords: Arc<std::sync::Mutex<Vec<Arc<RenderedKeywords>>>>,
+    /// builds running at once) repeat the same few sets. Looked up by a
+    /// hash, not by comparing every set (sets of concurrent builds differ
+    /// only late, in a run number, so a scan compared most of each).
+    recent_keywords: Arc<std::sync::Mutex<RecentKeywords>>,
 }
 
-/// How many keyword sets [`Normalizer`] keeps rendered.
-const RECENT_KEYWORDS: usize = 16;
+type RecentKeywords =
+    std::collections::HashMap<Vec<String>, Arc<RenderedKeywords>, foldhash::fast::RandomState>;
+
+/// How many keyword sets [`Normalizer`] keeps rendered; when full it
+/// starts afresh (the sets in use come back at once).
+const RECENT_KEYWORDS: usize = 64;
 
 impl Default for Normalizer {
     fn default() -> Self {
@@ -219,28 +225,23 @@ impl Normalizer {
     }
 
     /// `raw` parsed and rendered: from the recent ones when it is one of
-    /// them (most recently used first), else rendered now and remembered.
+    /// them, else rendered now and remembered.
     fn rendered_keywords(&self, raw: &[String]) -> Arc<RenderedKeywords> {
         let recent = || {
             self.recent_keywords
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
         };
-        {
-            let mut recent = recent();
-            if let Some(i) = recent.iter().position(|k| k.raw == raw) {
-                let found = recent[i].clone();
-                recent[..=i].rotate_right(1);
-                return found;
-            }
+        if let Some(found) = recent().get(raw) {
+            return found.clone();
         }
         // Rendered without holding the lock.
         let rendered = Arc::new(RenderedKeywords::from_parsed(raw, &Keywords::parse(raw)));
         let mut recent = recent();
-        if recent.len() == RECENT_KEYWORDS {
-            recent.pop();
+        if recent.len() >= RECENT_KEYWORDS {
+            recent.clear();
         }
-        recent.insert(0, rendered.clone());
+        recent.insert(raw.to_vec(), rendered.clone());
         rendered
     }
 
@@ -848,11 +849,22 @@ mod tests {
                 Some(format!("c{i}").as_str())
             );
         }
-        // Pushed out by newer sets: rendered again, the same.
+        // Pushed out when the cache filled: rendered again, the same.
         let again = norm.rendered_keywords(&set(0));
         assert!(!Arc::ptr_eq(&first, &again));
         assert_eq!(*first, *again);
-        assert_eq!(norm.recent_keywords.lock().unwrap().len(), RECENT_KEYWORDS);
+        assert!(norm.recent_keywords.lock().unwrap().len() <= RECENT_KEYWORDS);
+        // Sets that differ only late are told apart.
+        let late = |n: &str| vec!["command_name=build".into(), format!("user_keyword=run={n}")];
+        let (a, b) = (
+            norm.rendered_keywords(&late("41")),
+            norm.rendered_keywords(&late("42")),
+        );
+        assert_eq!(
+            (a.raw[1].as_str(), b.raw[1].as_str()),
+            ("user_keyword=run=41", "user_keyword=run=42")
+        );
+        assert!(Arc::ptr_eq(&a, &norm.rendered_keywords(&late("41"))));
     }
 
     #[test]
