@@ -69,10 +69,9 @@ pub struct Invocation {
 pub struct SharedJson {
     /// `","namespace":"…","timestamp":"`, between the name and the time.
     namespace: String,
-    /// From after the time to the `build_id` attribute included.
+    /// From after the time to the `build_id` attribute included (the
+    /// `command_name` attribute, from the event's keywords, comes next).
     head: String,
-    /// `,"command_name":"…"` of the invocation's keywords, or empty.
-    command: String,
     /// The `invocation_id` and `notification_id` attributes.
     tail: String,
     /// The members of an event's `BuildProgressEvent` before `buildEvent`
@@ -90,12 +89,11 @@ struct StreamKey {
 }
 
 impl SharedJson {
-    fn new(topic: &str, namespace: &str, ids: [&str; 3], command_name: Option<&str>) -> Self {
+    fn new(topic: &str, namespace: &str, ids: [&str; 3]) -> Self {
         let [build_id, invocation_id, notification_id] = ids;
         let mut s = SharedJson {
             namespace: String::with_capacity(32 + namespace.len()),
             head: String::with_capacity(80 + topic.len() + invocation_id.len() + build_id.len()),
-            command: String::with_capacity(24 + command_name.map_or(0, str::len)),
             tail: String::with_capacity(48 + invocation_id.len() + notification_id.len()),
             stream: OnceLock::new(),
         };
@@ -111,10 +109,6 @@ impl SharedJson {
         push_json_str(head, invocation_id);
         head.push_str(",\"attributes\":{\"build_id\":");
         push_json_str(head, build_id);
-        if let Some(cmd) = command_name {
-            s.command.push_str(",\"command_name\":");
-            push_json_str(&mut s.command, cmd);
-        }
         s.tail.push_str(",\"invocation_id\":");
         push_json_str(&mut s.tail, invocation_id);
         s.tail.push_str(",\"notification_id\":");
@@ -123,7 +117,7 @@ impl SharedJson {
     }
 
     fn len(&self) -> usize {
-        self.namespace.len() + self.head.len() + self.command.len() + self.tail.len()
+        self.namespace.len() + self.head.len() + self.tail.len()
     }
 }
 
@@ -134,6 +128,9 @@ pub struct RenderedKeywords {
     pub raw: Vec<String>,
     /// `command_name=…`, for the `command_name` attribute.
     pub command_name: Option<SmolStr>,
+    /// That attribute as an envelope writes it (`,"command_name":"…"`),
+    /// or empty.
+    pub command_attribute: String,
     /// The `parsedKeywords` object (empty when there are none).
     pub json: String,
     /// The keywords as a JSON array of strings (the payload's `keywords`).
@@ -157,9 +154,15 @@ impl RenderedKeywords {
             w.str(k);
         }
         w.end_array();
+        let mut command_attribute = String::new();
+        if let Some(cmd) = keywords.command_name {
+            command_attribute.push_str(",\"command_name\":");
+            push_json_str(&mut command_attribute, cmd);
+        }
         RenderedKeywords {
             raw: raw.to_vec(),
             command_name: keywords.command_name.map(SmolStr::from),
+            command_attribute,
             json,
             array: w.finish().0,
         }
@@ -337,7 +340,6 @@ impl Normalizer {
                     &self.topics.build_events,
                     &namespace,
                     [&l.build_id, &i.invocation_id, &n.id],
-                    keywords.command_name.as_deref(),
                 );
                 Some(Invocation {
                     notification_id: n.id.as_str().into(),
@@ -357,15 +359,15 @@ impl Normalizer {
             event(name, namespace, key, attributes, Payload::default()),
             PAYLOAD_HINT,
             |out| {
+                #[cfg(debug_assertions)]
                 let start = out.len();
                 problems = write_lifecycle(out, &l, &keywords);
                 #[cfg(debug_assertions)]
                 {
                     let mut generic = String::new();
-                    write_payload(&mut generic, &l, KeywordsJson::Rendered(&keywords.json));
+                    write_payload(&mut generic, &l, &keywords.json);
                     assert_eq!(generic, out[start..], "rendered keywords differ");
                 }
-                let _ = start;
             },
         );
         Lifecycle {
@@ -389,21 +391,15 @@ impl Normalizer {
             .map_or("build_event", build_event_name);
         let event_time = build_event.and_then(|b| b.event_time);
         let raw_keywords = progress.map_or(&[][..], |p| &p.notification_keywords);
-        // The invocation's keywords, parsed once, unless this event has
-        // others.
-        let fresh;
+        // The invocation's keywords, rendered once, unless this event has
+        // others (then rendered as a lifecycle notification's are).
         let own_keywords = raw_keywords == inv.keywords.raw.as_slice();
-        let (command_name, keywords_json) = if own_keywords {
-            (
-                inv.keywords.command_name.clone(),
-                KeywordsJson::Rendered(&inv.keywords.json),
-            )
+        let others;
+        let keywords = if own_keywords {
+            &inv.keywords
         } else {
-            fresh = Keywords::parse(raw_keywords);
-            (
-                fresh.command_name.map(SmolStr::from),
-                KeywordsJson::Parsed(&fresh),
-            )
+            others = self.rendered_keywords(raw_keywords);
+            &others
         };
         let mut seq_text = itoa::Buffer::new();
         let seq_text = seq_text.format(seq);
@@ -411,7 +407,7 @@ impl Normalizer {
         // In name order, so each is appended.
         let mut attributes = Attributes::with_capacity(6);
         attributes.insert(SmolStr::new_static("build_id"), inv.build_id.clone());
-        if let Some(cmd) = &command_name {
+        if let Some(cmd) = &keywords.command_name {
             attributes.insert(SmolStr::new_static("command_name"), cmd.clone());
         }
         attributes.insert(
@@ -457,14 +453,7 @@ impl Normalizer {
             None => inv.timestamp.clone(),
         };
         out.push_str(&parts.head);
-        match &command_name {
-            _ if own_keywords => out.push_str(&parts.command),
-            Some(cmd) => {
-                out.push_str(",\"command_name\":");
-                push_json_str(&mut out, cmd);
-            }
-            None => {}
-        }
+        out.push_str(&keywords.command_attribute);
         out.push_str(&parts.tail);
         if !ev.principal.is_empty() {
             out.push_str(",\"principal\":");
@@ -487,7 +476,7 @@ impl Normalizer {
             &mut out,
             ev,
             stream.map(|(_, m)| m.as_str()),
-            keywords_json,
+            &keywords.json,
             known_time,
         );
         let end = out.len();
@@ -495,7 +484,7 @@ impl Normalizer {
         #[cfg(debug_assertions)]
         {
             let mut generic = String::new();
-            write_payload(&mut generic, ev, keywords_json);
+            write_payload(&mut generic, ev, &keywords.json);
             assert_eq!(generic, out[start..end], "cached stream members differ");
         }
 
@@ -579,7 +568,7 @@ fn write_lifecycle(
         w.key(name);
         v.write_json(&mut w);
     }
-    write_keywords(&mut w, KeywordsJson::Rendered(&keywords.json));
+    write_keywords(&mut w, &keywords.json);
     w.end_object();
     let (text, problems) = w.finish();
     *out = text;
@@ -593,7 +582,7 @@ fn write_streamed_event(
     out: &mut String,
     ev: &es::StreamedBuildEvent,
     stream: Option<&str>,
-    keywords: KeywordsJson,
+    keywords: &str,
     known_time: Option<(prost_types::Timestamp, std::ops::Range<usize>)>,
 ) -> Vec<String> {
     let (Some(members), Some(p)) = (stream, &ev.event) else {
@@ -640,18 +629,10 @@ fn raw_any_json(type_url: &str, value: &[u8], problem: &str) -> Payload {
 /// Room reserved for a payload's JSON (most are 0.5–2 KB).
 const PAYLOAD_HINT: usize = 2048;
 
-/// The `parsedKeywords` of a payload: to write, or already written.
-#[derive(Clone, Copy)]
-enum KeywordsJson<'a> {
-    Parsed(&'a Keywords<'a>),
-    /// Rendered JSON; empty for no keywords.
-    Rendered(&'a str),
-}
-
-/// Appends the message's JSON, with the parsed keywords added as
-/// `parsedKeywords` (the last member), to `out`; returns what was left raw
-/// inside it.
-fn write_payload<T: ProtoJson>(out: &mut String, msg: &T, keywords: KeywordsJson) -> Vec<String> {
+/// Appends the message's JSON, with the rendered `parsedKeywords` object
+/// (empty for none) as the last member, to `out`; returns what was left
+/// raw inside it.
+fn write_payload<T: ProtoJson>(out: &mut String, msg: &T, keywords: &str) -> Vec<String> {
     let mut w = JsonWriter::over(std::mem::take(out));
     w.begin_object();
     msg.write_members(&mut w);
@@ -662,18 +643,11 @@ fn write_payload<T: ProtoJson>(out: &mut String, msg: &T, keywords: KeywordsJson
     problems
 }
 
-/// The `parsedKeywords` member, if there are keywords.
-fn write_keywords(w: &mut JsonWriter, keywords: KeywordsJson) {
-    match keywords {
-        KeywordsJson::Parsed(k) if !k.is_empty() => {
-            w.key("parsedKeywords");
-            k.write(w);
-        }
-        KeywordsJson::Rendered(json) if !json.is_empty() => {
-            w.key("parsedKeywords");
-            w.raw(json);
-        }
-        _ => {}
+/// The `parsedKeywords` member (rendered), if there are keywords.
+fn write_keywords(w: &mut JsonWriter, keywords: &str) {
+    if !keywords.is_empty() {
+        w.key("parsedKeywords");
+        w.raw(keywords);
     }
 }
 

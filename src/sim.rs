@@ -20,7 +20,7 @@ use crate::pb::{es, nq};
 use crate::shutdown::Shutdown;
 use crate::sim_gen::{GenConfig, World, generate};
 use crate::sim_queue::{AckOutcome, Queue, QueueStats};
-use crate::sim_store::{EventStoreServer, StoredEvent, StoredEvents, encode_all};
+use crate::sim_store::{CallResult, EventStoreServer, StoredEvent, StoredEvents, encode_all};
 
 /// How the simulated cluster behaves.
 #[derive(Debug, Clone)]
@@ -569,10 +569,7 @@ impl Service {
 }
 
 impl StoredEvents for Service {
-    fn get_invocation(
-        &self,
-        req: Request<es::GetInvocationRequest>,
-    ) -> Result<Response<BoxStream<StoredEvent>>, Status> {
+    fn get_invocation(&self, req: Request<es::GetInvocationRequest>) -> CallResult {
         let req = self.admit(req, |r| &r.invocation_id, "invocation_id")?;
         let found = self
             .sim
@@ -598,10 +595,7 @@ impl StoredEvents for Service {
         )))
     }
 
-    fn get_build(
-        &self,
-        req: Request<es::GetBuildRequest>,
-    ) -> Result<Response<BoxStream<StoredEvent>>, Status> {
+    fn get_build(&self, req: Request<es::GetBuildRequest>) -> CallResult {
         let req = self.admit(req, |r| &r.build_id, "build_id")?;
         let Some(b) = self
             .sim

@@ -125,16 +125,10 @@ impl<Req: Message + Default> Decoder for RequestDecoder<Req> {
 /// What answers the two calls: the simulator's service.
 pub(crate) trait StoredEvents: Clone + Send + Sync + 'static {
     /// `GetInvocation`.
-    fn get_invocation(
-        &self,
-        req: Request<es::GetInvocationRequest>,
-    ) -> Result<Response<super::sim::BoxStream<StoredEvent>>, Status>;
+    fn get_invocation(&self, req: Request<es::GetInvocationRequest>) -> CallResult;
 
     /// `GetBuild`.
-    fn get_build(
-        &self,
-        req: Request<es::GetBuildRequest>,
-    ) -> Result<Response<super::sim::BoxStream<StoredEvent>>, Status>;
+    fn get_build(&self, req: Request<es::GetBuildRequest>) -> CallResult;
 }
 
 /// The `EventStore` gRPC service over `T`.
@@ -148,7 +142,8 @@ impl<T> NamedService for EventStoreServer<T> {
 /// One call of a server-streaming method, as tonic's `Grpc` drives it.
 struct Call<T, Req>(T, fn(&T, Request<Req>) -> CallResult);
 
-type CallResult = Result<Response<super::sim::BoxStream<StoredEvent>>, Status>;
+/// What a call answers: the stream of stored events, or why not.
+pub(crate) type CallResult = Result<Response<super::sim::BoxStream<StoredEvent>>, Status>;
 
 impl<T: StoredEvents, Req: Send + 'static> ServerStreamingService<Req> for Call<T, Req> {
     type Response = StoredEvent;

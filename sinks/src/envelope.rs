@@ -281,7 +281,7 @@ impl Envelope {
     /// for [`Payload::trusted`]), saving a buffer and a copy per envelope;
     /// `event.payload` is ignored and `payload_hint` sizes the buffer.
     pub fn with_payload(
-        mut event: Event,
+        event: Event,
         payload_hint: usize,
         write: impl FnOnce(&mut String),
     ) -> Self {
@@ -335,10 +335,7 @@ impl Envelope {
             &out[start..end]
         );
         out.push('}');
-        let json = Bytes::from(out.into_bytes());
-        // The payload points into the JSON: no second copy.
-        event.payload = Payload(Text::Sealed(json.slice(start..end)));
-        Envelope { event, json }
+        Self::sealed(event, out, start..end)
     }
 
     /// Seals an event whose whole JSON the caller wrote, with the payload
@@ -346,7 +343,7 @@ impl Envelope {
     /// once (an invocation's attributes), which a field-by-field writer
     /// cannot. `json` must be exactly what [`Envelope::new`] writes for
     /// `event` with that payload; debug builds (so every test) check it.
-    pub fn prewritten(mut event: Event, json: String, payload: std::ops::Range<usize>) -> Self {
+    pub fn prewritten(event: Event, json: String, payload: std::ops::Range<usize>) -> Self {
         #[cfg(debug_assertions)]
         {
             let expected =
@@ -357,6 +354,12 @@ impl Envelope {
                 "prewritten envelope differs from its fields"
             );
         }
+        Self::sealed(event, json, payload)
+    }
+
+    /// The envelope of `json`, its payload pointing into it (no second
+    /// copy).
+    fn sealed(mut event: Event, json: String, payload: std::ops::Range<usize>) -> Self {
         let json = Bytes::from(json.into_bytes());
         event.payload = Payload(Text::Sealed(json.slice(payload)));
         Envelope { event, json }
