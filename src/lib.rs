@@ -9,6 +9,8 @@
 //! - `broker_source`: a Kafka topic or RabbitMQ queue as the source.
 //! - `source`: Pull streams, acknowledgements, GetInvocation with resume.
 //! - `normalize`: notifications and build events → envelopes (pure).
+//! - `lifecycle_view`: a lifecycle payload decoded without copying its
+//!   strings.
 //! - `ingest`: records read from a broker (AccelByte events, evbridge
 //!   envelopes, BonFIRE notifications, anything else raw) → envelopes.
 //! - `json`: proto3 JSON written straight from the prost structs
@@ -34,6 +36,7 @@ pub mod config;
 pub mod health;
 pub mod ingest;
 pub mod json;
+mod lifecycle_view;
 pub mod logging;
 pub mod normalize;
 pub mod pb;

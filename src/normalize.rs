@@ -12,6 +12,7 @@ use prost::Message as _;
 use uuid::Uuid;
 
 use crate::json::{JsonWriter, ProtoJson};
+use crate::lifecycle_view::LifecycleView;
 use crate::pb::{self, LIFECYCLE_TYPE_URL, es, nq};
 
 /// Namespace of the v5 UUIDs evbridge derives its envelope ids from.
@@ -197,14 +198,29 @@ pub struct Normalizer {
     lifecycle_topic: SmolStr,
     build_events_topic: SmolStr,
     /// Keywords rendered lately: a build's notifications (and those of
-    /// builds running at once) repeat the same few sets. Looked up by a
-    /// hash, not by comparing every set (sets of concurrent builds differ
-    /// only late, in a run number, so a scan compared most of each).
+    /// builds running at once) repeat the same few sets. Found by a hash of
+    /// their bytes (so a lifecycle payload's keywords are looked up before
+    /// being copied or checked as UTF-8), then compared.
     recent_keywords: Arc<std::sync::Mutex<RecentKeywords>>,
+    keyword_hasher: foldhash::fast::RandomState,
 }
 
+/// Rendered keyword sets by the hash of their bytes.
 type RecentKeywords =
-    std::collections::HashMap<Vec<String>, Arc<RenderedKeywords>, foldhash::fast::RandomState>;
+    std::collections::HashMap<u64, Arc<RenderedKeywords>, foldhash::fast::RandomState>;
+
+/// A keyword set hashed by its bytes, whether `String`s or raw slices.
+struct KeywordBytes<'a, K>(&'a [K]);
+
+impl<K: AsRef<[u8]>> std::hash::Hash for KeywordBytes<'_, K> {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        h.write_usize(self.0.len());
+        for k in self.0 {
+            h.write_usize(k.as_ref().len());
+            h.write(k.as_ref());
+        }
+    }
+}
 
 /// How many keyword sets [`Normalizer`] keeps rendered; when full it
 /// starts afresh (the sets in use come back at once).
@@ -224,35 +240,56 @@ impl Normalizer {
             build_events_topic: topics.build_events.as_str().into(),
             topics,
             recent_keywords: Arc::default(),
+            keyword_hasher: foldhash::fast::RandomState::default(),
         }
     }
 
     /// `raw` parsed and rendered: from the recent ones when it is one of
     /// them, else rendered now and remembered.
     fn rendered_keywords(&self, raw: &[String]) -> Arc<RenderedKeywords> {
+        self.recent_or_rendered(raw).unwrap_or_else(|| {
+            // Unreachable: strings are UTF-8.
+            Arc::new(RenderedKeywords::from_parsed(raw, &Keywords::parse(raw)))
+        })
+    }
+
+    /// As [`Self::rendered_keywords`] for keywords still in their encoded
+    /// form; `None` when one that is not among the recent ones is not
+    /// UTF-8.
+    fn recent_or_rendered<K: AsRef<[u8]>>(&self, raw: &[K]) -> Option<Arc<RenderedKeywords>> {
         let recent = || {
             self.recent_keywords
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
         };
-        if let Some(found) = recent().get(raw) {
-            return found.clone();
+        let hash = std::hash::BuildHasher::hash_one(&self.keyword_hasher, KeywordBytes(raw));
+        let same = |r: &RenderedKeywords| {
+            r.raw.len() == raw.len()
+                && r.raw
+                    .iter()
+                    .zip(raw)
+                    .all(|(a, b)| a.as_bytes() == b.as_ref())
+        };
+        if let Some(found) = recent().get(&hash).filter(|r| same(r)) {
+            return Some(found.clone());
         }
-        // Rendered without holding the lock.
-        let rendered = Arc::new(RenderedKeywords::from_parsed(raw, &Keywords::parse(raw)));
+        // Checked and rendered without holding the lock.
+        let raw = raw
+            .iter()
+            .map(|k| std::str::from_utf8(k.as_ref()).ok().map(str::to_owned))
+            .collect::<Option<Vec<String>>>()?;
+        let rendered = Arc::new(RenderedKeywords::from_parsed(&raw, &Keywords::parse(&raw)));
         let mut recent = recent();
         if recent.len() >= RECENT_KEYWORDS {
             recent.clear();
         }
-        recent.insert(raw.to_vec(), rendered.clone());
-        rendered
+        recent.insert(hash, rendered.clone());
+        Some(rendered)
     }
 
     /// The lifecycle envelope of one notification.
     pub fn lifecycle(&self, n: &nq::Notification) -> Lifecycle {
         let timestamp = n.timestamp.map(|t| rfc3339(&t)).unwrap_or_else(now_rfc3339);
-        let mut attributes = Attributes::with_capacity(6);
-        attributes.insert(SmolStr::new_static("notification_id"), n.id.as_str().into());
         let event =
             |name: &'static str, namespace: SmolStr, key: SmolStr, attributes, payload| Event {
                 id: notification_envelope_id(&n.id),
@@ -265,39 +302,52 @@ impl Normalizer {
                 attributes,
                 payload,
             };
+        let notification_id = || (SmolStr::new_static("notification_id"), n.id.as_str().into());
 
         let (type_url, value) = match &n.payload {
             Some(any) => (any.type_url.as_str(), any.value.as_slice()),
             None => ("", &[][..]),
         };
-        let decoded = if type_url != LIFECYCLE_TYPE_URL {
-            Err(if type_url.is_empty() {
-                "notification has no payload".to_string()
-            } else {
-                format!("unknown payload type `{type_url}`")
-            })
-        } else {
-            pb::es::BuildLifecycleEventNotification::decode(value)
-                .map_err(|e| format!("payload `{type_url}` does not decode: {e}"))
+        // Decoded in place, its keywords found among the recent ones
+        // before being copied; whatever that does not take, prost judges.
+        let in_place = (type_url == LIFECYCLE_TYPE_URL)
+            .then(|| LifecycleView::decode(value))
+            .flatten()
+            .and_then(|l| Some((self.recent_or_rendered(&l.keywords)?, l)));
+        let decoded;
+        let (keywords, l) = match in_place {
+            Some(found) => found,
+            None => match decode_lifecycle(type_url, value) {
+                Ok(message) => {
+                    decoded = message;
+                    let keywords = self.rendered_keywords(&decoded.keywords);
+                    (keywords, LifecycleView::of(&decoded))
+                }
+                Err(problem) => {
+                    let (name, id) = notification_id();
+                    let mut attributes = Attributes::with_capacity(1);
+                    attributes.insert(name, id);
+                    let raw = raw_any_json(type_url, value, &problem);
+                    let envelope = Envelope::new(event(
+                        "raw_notification",
+                        SmolStr::new_static("default"),
+                        n.id.as_str().into(),
+                        attributes,
+                        raw,
+                    ));
+                    return Lifecycle {
+                        envelope,
+                        fetch: None,
+                        problems: vec![problem],
+                    };
+                }
+            },
         };
-        let l = match decoded {
-            Ok(l) => l,
-            Err(problem) => {
-                let raw = raw_any_json(type_url, value, &problem);
-                let envelope = Envelope::new(event(
-                    "raw_notification",
-                    SmolStr::new_static("default"),
-                    n.id.as_str().into(),
-                    attributes,
-                    raw,
-                ));
-                return Lifecycle {
-                    envelope,
-                    fetch: None,
-                    problems: vec![problem],
-                };
-            }
-        };
+        debug_assert_eq!(
+            l.to_message(),
+            pb::es::BuildLifecycleEventNotification::decode(value).ok(),
+            "decoded in place unlike prost"
+        );
 
         use es::build_lifecycle_event_notification::Kind;
         let (name, invocation_id) = match &l.kind {
@@ -307,14 +357,20 @@ impl Normalizer {
             Some(Kind::InvocationFinished(i)) => ("invocation_finished", Some(&i.invocation_id)),
             None => ("lifecycle_event", None),
         };
-        let namespace = instance_or_default(&l.instance_name);
+        let namespace = instance_or_default(l.instance_name);
         let key = invocation_id
+            .map(String::as_str)
             .filter(|i| !i.is_empty())
-            .or(Some(&l.build_id).filter(|b| !b.is_empty()))
+            .or(Some(l.build_id).filter(|b| !b.is_empty()))
             .unwrap_or(&n.id);
-        let key = SmolStr::from(key.as_str());
-        let build_id = SmolStr::from(l.build_id.as_str());
+        let key = SmolStr::from(key);
+        let build_id = SmolStr::from(l.build_id);
+        // Added in name order, so each is appended.
+        let mut attributes = Attributes::with_capacity(5);
         attributes.insert(SmolStr::new_static("build_id"), build_id.clone());
+        if let Some(cmd) = &keywords.command_name {
+            attributes.insert(SmolStr::new_static("command_name"), cmd.clone());
+        }
         if let Some(inv) = invocation_id {
             let shared = if key == inv.as_str() {
                 key.clone()
@@ -323,15 +379,13 @@ impl Normalizer {
             };
             attributes.insert(SmolStr::new_static("invocation_id"), shared);
         }
+        let (name_id, id) = notification_id();
+        attributes.insert(name_id, id);
         if let Some(user) = l.auth_context.as_ref().and_then(|a| a.user.as_ref()) {
             attributes.insert(
                 SmolStr::new_static("principal"),
                 user.principal.as_str().into(),
             );
-        }
-        let keywords = self.rendered_keywords(&l.keywords);
-        if let Some(cmd) = &keywords.command_name {
-            attributes.insert(SmolStr::new_static("command_name"), cmd.clone());
         }
 
         let fetch = match &l.kind {
@@ -339,11 +393,11 @@ impl Normalizer {
                 let parts = SharedJson::new(
                     &self.topics.build_events,
                     &namespace,
-                    [&l.build_id, &i.invocation_id, &n.id],
+                    [l.build_id, &i.invocation_id, &n.id],
                 );
                 Some(Invocation {
                     notification_id: n.id.as_str().into(),
-                    instance: l.instance_name.clone(),
+                    instance: l.instance_name.to_owned(),
                     build_id: build_id.clone(),
                     invocation_id: i.invocation_id.as_str().into(),
                     namespace: namespace.clone(),
@@ -363,9 +417,9 @@ impl Normalizer {
                 let start = out.len();
                 problems = write_lifecycle(out, &l, &keywords);
                 #[cfg(debug_assertions)]
-                {
+                if let Some(message) = l.to_message() {
                     let mut generic = String::new();
-                    write_payload(&mut generic, &l, &keywords.json);
+                    write_payload(&mut generic, &message, &keywords.json);
                     assert_eq!(generic, out[start..], "rendered keywords differ");
                 }
             },
@@ -535,7 +589,7 @@ fn stream_members<'a>(
 /// with its keywords (array and `parsedKeywords`) as rendered before.
 fn write_lifecycle(
     out: &mut String,
-    l: &es::BuildLifecycleEventNotification,
+    l: &LifecycleView,
     keywords: &RenderedKeywords,
 ) -> Vec<String> {
     use es::build_lifecycle_event_notification::Kind;
@@ -543,11 +597,11 @@ fn write_lifecycle(
     w.begin_object();
     if !l.instance_name.is_empty() {
         w.key("instanceName");
-        w.str(&l.instance_name);
+        w.str(l.instance_name);
     }
     if !l.build_id.is_empty() {
         w.key("buildId");
-        w.str(&l.build_id);
+        w.str(l.build_id);
     }
     if let Some(a) = &l.auth_context {
         w.key("authContext");
@@ -614,6 +668,23 @@ fn write_streamed_event(
     let (text, problems) = w.finish();
     *out = text;
     problems
+}
+
+/// A lifecycle payload decoded by prost, or why it is not one.
+fn decode_lifecycle(
+    type_url: &str,
+    value: &[u8],
+) -> Result<es::BuildLifecycleEventNotification, String> {
+    if type_url != LIFECYCLE_TYPE_URL {
+        Err(if type_url.is_empty() {
+            "notification has no payload".to_string()
+        } else {
+            format!("unknown payload type `{type_url}`")
+        })
+    } else {
+        es::BuildLifecycleEventNotification::decode(value)
+            .map_err(|e| format!("payload `{type_url}` does not decode: {e}"))
+    }
 }
 
 /// `{"typeUrl", "value" (base64), "error"}`: the payload of anything that

@@ -223,6 +223,35 @@ fn undecodable_lifecycle_is_raw_with_reason() {
 }
 
 #[test]
+fn a_keyword_that_is_not_utf8_leaves_the_notification_raw() {
+    // Keywords are looked up among the recent sets before being checked:
+    // a set differing from a cached one only by a bad byte must still
+    // fail as prost fails, never pass as the cached set.
+    let norm = Normalizer::default();
+    let good = finished();
+    assert_eq!(norm.lifecycle(&good).envelope.name, "invocation_finished");
+    let mut bad = good.clone();
+    let value = &mut bad.payload.as_mut().unwrap().value;
+    let at = value
+        .windows(KEYWORDS[0].len())
+        .position(|w| w == KEYWORDS[0].as_bytes())
+        .expect("keyword encoded as is");
+    value[at] = 0xff;
+    for norm in [&norm, &Normalizer::default()] {
+        let out = norm.lifecycle(&bad);
+        assert_eq!(out.envelope.name, "raw_notification");
+        assert!(out.fetch.is_none());
+        assert!(
+            out.problems[0].contains("does not decode"),
+            "{:?}",
+            out.problems
+        );
+        assert!(out.problems[0].contains("UTF-8"), "{:?}", out.problems);
+    }
+    assert_eq!(norm.lifecycle(&good).envelope.name, "invocation_finished");
+}
+
+#[test]
 fn bad_nested_any_is_kept_raw_inside_the_event() {
     let out = Normalizer::default().build_event(
         &invocation(),
