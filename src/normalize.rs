@@ -197,6 +197,8 @@ pub struct Normalizer {
     /// The topics as envelopes carry them (cloned, not copied, into each).
     lifecycle_topic: SmolStr,
     build_events_topic: SmolStr,
+    /// `,"version":…,"topic":"…","key":` of lifecycle envelopes.
+    lifecycle_head: String,
     /// Keywords rendered lately: a build's notifications (and those of
     /// builds running at once) repeat the same few sets. Found by a hash of
     /// their bytes (so a lifecycle payload's keywords are looked up before
@@ -235,7 +237,13 @@ impl Default for Normalizer {
 impl Normalizer {
     /// A normalizer writing the given topic names.
     pub fn new(topics: Topics) -> Self {
+        let mut lifecycle_head = String::from(",\"version\":");
+        lifecycle_head.push_str(itoa::Buffer::new().format(Envelope::VERSION));
+        lifecycle_head.push_str(",\"topic\":");
+        push_json_str(&mut lifecycle_head, &topics.lifecycle);
+        lifecycle_head.push_str(",\"key\":");
         Normalizer {
+            lifecycle_head,
             lifecycle_topic: topics.lifecycle.as_str().into(),
             build_events_topic: topics.build_events.as_str().into(),
             topics,
@@ -290,9 +298,10 @@ impl Normalizer {
     /// The lifecycle envelope of one notification.
     pub fn lifecycle(&self, n: &nq::Notification) -> Lifecycle {
         let timestamp = n.timestamp.map(|t| rfc3339(&t)).unwrap_or_else(now_rfc3339);
+        let id = notification_envelope_id(&n.id);
         let event =
             |name: &'static str, namespace: SmolStr, key: SmolStr, attributes, payload| Event {
-                id: notification_envelope_id(&n.id),
+                id: id.clone(),
                 name: SmolStr::new_static(name),
                 namespace,
                 timestamp: timestamp.clone(),
@@ -324,9 +333,9 @@ impl Normalizer {
                     (keywords, LifecycleView::of(&decoded))
                 }
                 Err(problem) => {
-                    let (name, id) = notification_id();
+                    let (attribute, notification) = notification_id();
                     let mut attributes = Attributes::with_capacity(1);
-                    attributes.insert(name, id);
+                    attributes.insert(attribute, notification);
                     let raw = raw_any_json(type_url, value, &problem);
                     let envelope = Envelope::new(event(
                         "raw_notification",
@@ -379,8 +388,8 @@ impl Normalizer {
             };
             attributes.insert(SmolStr::new_static("invocation_id"), shared);
         }
-        let (name_id, id) = notification_id();
-        attributes.insert(name_id, id);
+        let (attribute, notification) = notification_id();
+        attributes.insert(attribute, notification);
         if let Some(user) = l.auth_context.as_ref().and_then(|a| a.user.as_ref()) {
             attributes.insert(
                 SmolStr::new_static("principal"),
@@ -408,24 +417,50 @@ impl Normalizer {
             }
             _ => None,
         };
-        let mut problems = Vec::new();
-        let envelope = Envelope::with_payload(
-            event(name, namespace, key, attributes, Payload::default()),
-            PAYLOAD_HINT,
-            |out| {
-                #[cfg(debug_assertions)]
-                let start = out.len();
-                problems = write_lifecycle(out, &l, &keywords);
-                #[cfg(debug_assertions)]
-                if let Some(message) = l.to_message() {
-                    let mut generic = String::new();
-                    write_payload(&mut generic, &message, &keywords.json);
-                    assert_eq!(generic, out[start..], "rendered keywords differ");
-                }
-            },
+        // The envelope's JSON, written here rather than field by field: id,
+        // name, time and attribute names never need escaping, and the
+        // version and topic were rendered once.
+        let attributes_len: usize = attributes.iter().map(|(k, v)| k.len() + v.len() + 6).sum();
+        let mut out = String::with_capacity(
+            96 + namespace.len()
+                + self.lifecycle_head.len()
+                + key.len()
+                + attributes_len
+                + PAYLOAD_HINT,
         );
+        out.push_str("{\"id\":\"");
+        out.push_str(&id);
+        out.push_str("\",\"name\":\"");
+        out.push_str(name);
+        out.push_str("\",\"namespace\":");
+        push_json_str(&mut out, &namespace);
+        out.push_str(",\"timestamp\":\"");
+        out.push_str(&timestamp);
+        out.push('"');
+        out.push_str(&self.lifecycle_head);
+        push_json_str(&mut out, &key);
+        let mut separator = ",\"attributes\":{\"";
+        for (attribute, value) in &attributes {
+            out.push_str(separator);
+            out.push_str(attribute);
+            out.push_str("\":");
+            push_json_str(&mut out, value);
+            separator = ",\"";
+        }
+        out.push_str("},\"payload\":");
+        let start = out.len();
+        let problems = write_lifecycle(&mut out, &l, &keywords);
+        let end = out.len();
+        out.push('}');
+        #[cfg(debug_assertions)]
+        if let Some(message) = l.to_message() {
+            let mut generic = String::new();
+            write_payload(&mut generic, &message, &keywords.json);
+            assert_eq!(generic, out[start..end], "rendered keywords differ");
+        }
+        let event = event(name, namespace, key, attributes, Payload::default());
         Lifecycle {
-            envelope,
+            envelope: Envelope::prewritten(event, out, start..end),
             fetch,
             problems,
         }

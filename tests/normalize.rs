@@ -526,3 +526,60 @@ fn prewritten_build_events_match_the_field_by_field_encoders() {
         }
     }
 }
+
+/// Lifecycle envelopes are written directly too (id, name, time and
+/// attribute names unescaped, version and topic rendered once): each must
+/// be what the field-by-field encoder writes for its fields, in release
+/// builds too, for every kind, odd ids, an odd topic, no principal and no
+/// keywords.
+#[test]
+fn prewritten_lifecycle_envelopes_match_the_field_by_field_encoder() {
+    use es::build_lifecycle_event_notification::{self as l, Kind};
+    use evbridge::normalize::Topics;
+    use evbridge::sinks::{Event, Payload};
+
+    let kinds = [
+        Kind::BuildStarted(l::BuildStarted {}),
+        Kind::InvocationStarted(l::InvocationStarted {
+            invocation_id: "i-1".into(),
+        }),
+        Kind::InvocationFinished(l::InvocationFinished {
+            invocation_id: String::new(),
+        }),
+        Kind::BuildFinished(l::BuildFinished {}),
+    ];
+    let mut notes: Vec<nq::Notification> = kinds.into_iter().map(notification).collect();
+    notes.push(finished());
+    let plain = |n: &nq::Notification, f: &dyn Fn(&mut es::BuildLifecycleEventNotification)| {
+        let mut n = n.clone();
+        let any = n.payload.as_mut().unwrap();
+        let mut l = es::BuildLifecycleEventNotification::decode(any.value.as_slice()).unwrap();
+        f(&mut l);
+        any.value = l.encode_to_vec();
+        n
+    };
+    for n in notes.clone() {
+        notes.push(with_odd_ids(n.clone()));
+        notes.push(plain(&n, &|l| l.auth_context = None));
+        notes.push(plain(&n, &|l| l.keywords.clear()));
+        notes.push(plain(&n, &|l| l.kind = None));
+    }
+    let odd = Topics {
+        lifecycle: "life\"cycle\"\n".into(),
+        ..Topics::default()
+    };
+    for norm in [Normalizer::default(), Normalizer::new(odd)] {
+        for (i, n) in notes.iter().enumerate() {
+            let env = norm.lifecycle(n).envelope;
+            let fields = Event {
+                payload: Payload::parse(env.payload.text().into_owned()).unwrap(),
+                ..env.event().clone()
+            };
+            assert_eq!(
+                std::str::from_utf8(Envelope::new(fields).json()).unwrap(),
+                std::str::from_utf8(env.json()).unwrap(),
+                "notification {i}"
+            );
+        }
+    }
+}
