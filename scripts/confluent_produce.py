@@ -3,7 +3,7 @@
 under Python) using the bridge's settings (acks=all, idempotence, the same
 key and headers), waiting for every delivery report; print the rate.
 
-usage: confluent_produce.py BOOTSTRAP TOPIC FILE
+usage: confluent_produce.py BOOTSTRAP TOPIC FILE [COMPRESSION]
 FILE holds lines of `KEY<TAB>ID<TAB>NAME<TAB>NAMESPACE<TAB>TOPIC<TAB>JSON`.
 """
 import resource
@@ -15,6 +15,7 @@ from confluent_kafka import Producer
 
 def main() -> None:
     bootstrap, topic, path = sys.argv[1:4]
+    compression = sys.argv[4] if len(sys.argv) > 4 else "none"
     with open(path, "rb") as f:
         records = [line.rstrip(b"\n").split(b"\t", 5) for line in f if line.strip()]
     producer = Producer(
@@ -23,6 +24,7 @@ def main() -> None:
             "acks": "all",
             "enable.idempotence": True,
             "linger.ms": 5,
+            "compression.type": compression,
             "message.timeout.ms": 30000,
         }
     )

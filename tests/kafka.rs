@@ -176,8 +176,9 @@ async fn broker_unreachable_mid_run_loses_nothing_and_recovers_by_itself() {
     cfg.rate = 60.0;
     let s = start_sim(cfg).await;
     let prefix = unique("cut");
+    // Uncompressed here (lz4, the default, everywhere else).
     let url = format!(
-        "kafka://{}/{{topic}}?prefix={prefix}&rdkafka.message.timeout.ms=3000",
+        "kafka://{}/{{topic}}?prefix={prefix}&compression=none&rdkafka.message.timeout.ms=3000",
         broker.bootstrap()
     );
     let sink = evbridge::sinks::open(&url).await.unwrap();

@@ -1,6 +1,8 @@
 //! Per-envelope names from templates such as `{namespace}.{name}`: Kafka
 //! topics, record keys and (later) routing keys.
 
+use std::borrow::Cow;
+
 use smol_str::SmolStr;
 
 use crate::Envelope;
@@ -87,21 +89,56 @@ impl Template {
     pub fn render(&self, env: &Envelope, keep: impl Fn(char) -> bool) -> String {
         let mut out = String::new();
         for part in &self.parts {
-            let value = match part {
-                Part::Text(t) => {
-                    out.push_str(t);
-                    continue;
-                }
-                Part::Topic => env.topic.as_str(),
-                Part::Namespace => env.namespace.as_str(),
-                Part::Name => env.name.as_str(),
-                Part::Key => env.key.as_str(),
-                Part::Id => env.id.as_str(),
-                Part::Attr(a) => env.attributes.get(a).map_or("none", SmolStr::as_str),
-            };
-            out.extend(value.chars().map(|c| if keep(c) { c } else { '_' }));
+            match part {
+                Part::Text(t) => out.push_str(t),
+                _ => out.extend(
+                    value(part, env)
+                        .chars()
+                        .map(|c| if keep(c) { c } else { '_' }),
+                ),
+            }
         }
         out
+    }
+
+    /// As [`Template::render`], but borrowed when the template is one
+    /// literal, or one placeholder whose value `keep` takes whole: a Kafka
+    /// record's topic and key are rendered for every record.
+    pub fn render_borrowed<'a>(
+        &'a self,
+        env: &'a Envelope,
+        keep: impl Fn(char) -> bool,
+    ) -> Cow<'a, str> {
+        if let [part] = self.parts.as_slice() {
+            let whole = value(part, env);
+            if matches!(part, Part::Text(_)) || whole.chars().all(&keep) {
+                return Cow::Borrowed(whole);
+            }
+        }
+        Cow::Owned(self.render(env, keep))
+    }
+
+    /// The template with literal `text` before it.
+    pub fn prefixed(mut self, text: &str) -> Self {
+        match self.parts.first_mut() {
+            Some(Part::Text(first)) => first.insert_str(0, text),
+            _ => self.parts.insert(0, Part::Text(text.to_string())),
+        }
+        self
+    }
+}
+
+/// What one part stands for in `env` (a literal is itself; a missing
+/// attribute is `none`).
+fn value<'a>(part: &'a Part, env: &'a Envelope) -> &'a str {
+    match part {
+        Part::Text(t) => t,
+        Part::Topic => env.topic.as_str(),
+        Part::Namespace => env.namespace.as_str(),
+        Part::Name => env.name.as_str(),
+        Part::Key => env.key.as_str(),
+        Part::Id => env.id.as_str(),
+        Part::Attr(a) => env.attributes.get(a).map_or("none", SmolStr::as_str),
     }
 }
 
@@ -129,6 +166,28 @@ mod tests {
             Some("plain")
         );
         assert_eq!(t.constant(), None);
+    }
+
+    #[test]
+    fn borrowed_when_nothing_changes_and_prefixed() {
+        let mut event = test_envelope("abc").event().clone();
+        event.namespace = "team a".into();
+        let env = Envelope::new(event);
+        let kafka_ok = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
+        let render = |t: &Template| {
+            let cow = t.render_borrowed(&env, kafka_ok);
+            assert_eq!(cow, t.render(&env, kafka_ok));
+            (cow.to_string(), matches!(cow, Cow::Borrowed(_)))
+        };
+        let t = |text: &str| Template::parse(text).unwrap();
+        assert_eq!(render(&t("fixed")), ("fixed".into(), true));
+        assert_eq!(render(&t("{id}")), ("abc".into(), true));
+        assert_eq!(render(&t("{namespace}")), ("team_a".into(), false));
+        assert_eq!(render(&t("{attr.missing}")), ("none".into(), true));
+        assert_eq!(render(&t("x.{id}")), ("x.abc".into(), false));
+        assert_eq!(render(&t("{id}").prefixed("p.")), ("p.abc".into(), false));
+        assert_eq!(render(&t("fixed").prefixed("p.")), ("p.fixed".into(), true));
+        assert_eq!(render(&t("x{id}").prefixed("p.")), ("p.xabc".into(), false));
     }
 
     #[test]
