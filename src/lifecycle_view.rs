@@ -9,6 +9,10 @@
 //! kind) are still merged by prost's generated code, field by field as
 //! prost's own decoder does. Whatever this does not accept, the caller
 //! gives to prost's decoder, so errors and their texts are prost's.
+//!
+//! It walks the wire format with `prost::encoding`, the functions prost's
+//! generated code calls (public, though not meant for direct use): the
+//! parity tests below would catch a change in a prost release.
 
 use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
 
@@ -18,7 +22,7 @@ use crate::pb::es::build_lifecycle_event_notification::Kind;
 
 /// A `BuildLifecycleEventNotification` whose strings borrow its encoding.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct LifecycleView<'a> {
+pub(crate) struct LifecycleView<'a> {
     /// Field 1.
     pub instance_name: &'a str,
     /// Field 2.
@@ -34,7 +38,7 @@ pub struct LifecycleView<'a> {
 impl<'a> LifecycleView<'a> {
     /// Decodes `buf` as prost would, or gives `None` for anything prost
     /// alone should judge (malformed input, a string that is not UTF-8).
-    pub fn decode(mut buf: &'a [u8]) -> Option<Self> {
+    pub(crate) fn decode(mut buf: &'a [u8]) -> Option<Self> {
         let mut view = LifecycleView {
             keywords: Vec::with_capacity(8),
             ..LifecycleView::default()
@@ -73,7 +77,7 @@ impl<'a> LifecycleView<'a> {
     }
 
     /// A view of a message prost decoded.
-    pub fn of(l: &'a BuildLifecycleEventNotification) -> Self {
+    pub(crate) fn of(l: &'a BuildLifecycleEventNotification) -> Self {
         LifecycleView {
             instance_name: &l.instance_name,
             build_id: &l.build_id,
@@ -85,7 +89,7 @@ impl<'a> LifecycleView<'a> {
 
     /// The message prost would have decoded, or `None` when a keyword is
     /// not UTF-8 (where prost fails).
-    pub fn to_message(&self) -> Option<BuildLifecycleEventNotification> {
+    pub(crate) fn to_message(&self) -> Option<BuildLifecycleEventNotification> {
         Some(BuildLifecycleEventNotification {
             instance_name: self.instance_name.to_owned(),
             build_id: self.build_id.to_owned(),

@@ -204,6 +204,7 @@ pub struct Normalizer {
     /// their bytes (so a lifecycle payload's keywords are looked up before
     /// being copied or checked as UTF-8), then compared.
     recent_keywords: Arc<std::sync::Mutex<RecentKeywords>>,
+    /// Hashes keyword sets for `recent_keywords` (by their bytes).
     keyword_hasher: foldhash::fast::RandomState,
 }
 
@@ -256,7 +257,7 @@ impl Normalizer {
     /// them, else rendered now and remembered.
     fn rendered_keywords(&self, raw: &[String]) -> Arc<RenderedKeywords> {
         self.recent_or_rendered(raw).unwrap_or_else(|| {
-            // Unreachable: strings are UTF-8.
+            debug_assert!(false, "strings are UTF-8");
             Arc::new(RenderedKeywords::from_parsed(raw, &Keywords::parse(raw)))
         })
     }
@@ -319,10 +320,12 @@ impl Normalizer {
         };
         // Decoded in place, its keywords found among the recent ones
         // before being copied; whatever that does not take, prost judges.
-        let in_place = (type_url == LIFECYCLE_TYPE_URL)
-            .then(|| LifecycleView::decode(value))
-            .flatten()
-            .and_then(|l| Some((self.recent_or_rendered(&l.keywords)?, l)));
+        let in_place = if type_url == LIFECYCLE_TYPE_URL {
+            LifecycleView::decode(value)
+                .and_then(|l| Some((self.recent_or_rendered(&l.keywords)?, l)))
+        } else {
+            None
+        };
         let decoded;
         let (keywords, l) = match in_place {
             Some(found) => found,
@@ -945,6 +948,25 @@ mod tests {
             ("user_keyword=run=41", "user_keyword=run=42")
         );
         assert!(Arc::ptr_eq(&a, &norm.rendered_keywords(&late("41"))));
+    }
+
+    #[test]
+    fn a_set_stored_under_another_sets_hash_is_not_taken_for_it() {
+        // A hash collision, made by hand: set B's rendering filed under the
+        // hash of set A. Looking up A (as strings, or as bytes from a
+        // payload, one of them not UTF-8) must not return B.
+        let norm = Normalizer::default();
+        let a = vec!["command_name=a".to_string()];
+        let b = norm.rendered_keywords(&["command_name=b".to_string()]);
+        let hash = std::hash::BuildHasher::hash_one(&norm.keyword_hasher, KeywordBytes(&a));
+        norm.recent_keywords.lock().unwrap().insert(hash, b.clone());
+        let found = norm.rendered_keywords(&a);
+        assert_eq!(found.raw, a);
+        assert_eq!(found.command_name.as_deref(), Some("a"));
+        let bad: [&[u8]; 1] = [b"command_name=\xff"];
+        let hash = std::hash::BuildHasher::hash_one(&norm.keyword_hasher, KeywordBytes(&bad));
+        norm.recent_keywords.lock().unwrap().insert(hash, b);
+        assert!(norm.recent_or_rendered(&bad).is_none());
     }
 
     #[test]

@@ -563,6 +563,10 @@ fn prewritten_lifecycle_envelopes_match_the_field_by_field_encoder() {
         notes.push(plain(&n, &|l| l.auth_context = None));
         notes.push(plain(&n, &|l| l.keywords.clear()));
         notes.push(plain(&n, &|l| l.kind = None));
+        notes.push(nq::Notification {
+            timestamp: None,
+            ..n.clone()
+        });
     }
     let odd = Topics {
         lifecycle: "life\"cycle\"\n".into(),

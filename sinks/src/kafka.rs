@@ -151,20 +151,25 @@ pub fn open(raw: &str) -> Result<KafkaSink, OpenError> {
     };
 
     let topic = Template::parse(if topic.is_empty() { "{topic}" } else { &topic }).map_err(fail)?;
+    let prefix = opts.take("prefix");
+    if let Some(p) = &prefix
+        && (p.is_empty() || !p.chars().all(topic_char) || p.len() > 248)
+    {
+        return Err(fail(format!(
+            "option `prefix={p}` is not a valid topic prefix"
+        )));
+    }
+    // The prefix is part of the topic name Kafka checks.
+    let topic = match &prefix {
+        Some(p) => topic.prefixed(&format!("{p}.")),
+        None => topic,
+    };
     if let Some(t) = topic.constant() {
         if !t.chars().all(topic_char) || t.len() > 249 {
             return Err(fail(format!(
                 "topic `{t}` is not a valid Kafka topic name (letters, digits, `.`, `_`, `-`; at most 249)"
             )));
         }
-    }
-    let prefix = opts.take("prefix");
-    if let Some(p) = &prefix
-        && (p.is_empty() || !p.chars().all(topic_char))
-    {
-        return Err(fail(format!(
-            "option `prefix={p}` is not a valid topic prefix"
-        )));
     }
     let key = match opts.take("key").as_deref() {
         None => Key::Field(Template::parse("{key}").expect("valid")),
@@ -184,8 +189,9 @@ pub fn open(raw: &str) -> Result<KafkaSink, OpenError> {
         .unwrap_or_else(|| "all".into());
     // lz4 unless told otherwise: envelope JSON compresses well, and the
     // broker then handles a fraction of the bytes (with tansu here its CPU
-    // per record fell from 4.5 to 1 µs and the sink's rate nearly doubled;
-    // BENCHMARKS.md). Every mainstream client decompresses it.
+    // per record fell from ~4.2 to ~1 µs and the sink's rate rose by about
+    // half; BENCHMARKS.md). librdkafka-based and Java clients decompress it
+    // natively; KafkaJS and kafka-python need their optional lz4 codec.
     let compression = opts
         .choice("compression", &["none", "gzip", "snappy", "lz4", "zstd"])?
         .unwrap_or_else(|| "lz4".into());
@@ -226,10 +232,7 @@ pub fn open(raw: &str) -> Result<KafkaSink, OpenError> {
         idempotent: config.get("enable.idempotence") == Some("true"),
         config,
         producer: RwLock::new(Arc::new(producer)),
-        topic: match &prefix {
-            Some(p) => topic.prefixed(&format!("{p}.")),
-            None => topic,
-        },
+        topic,
         key,
         cloudevents,
         shown,
@@ -510,6 +513,18 @@ impl Sink for KafkaSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_counts_toward_the_topic_limit() {
+        let long = "t".repeat(247);
+        assert!(open(&format!("kafka://b:1/{long}")).is_ok());
+        assert!(open(&format!("kafka://b:1/{long}?prefix=a")).is_ok());
+        let e = open(&format!("kafka://b:1/{long}?prefix=ab"))
+            .expect_err("250 characters")
+            .to_string();
+        assert!(e.contains("at most 249") && e.contains("ab.ttt"), "{e}");
+        assert!(open(&format!("kafka://b:1/{{topic}}?prefix={}", "p".repeat(249))).is_err());
+    }
 
     #[test]
     fn lz4_unless_told_otherwise() {
