@@ -67,7 +67,11 @@ impl Tracker {
     }
 
     fn one_done(&self) {
-        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+        self.done_many(1);
+    }
+
+    fn done_many(&self, n: usize) {
+        if self.remaining.fetch_sub(n, Ordering::AcqRel) == n {
             self.done.notify_one();
         }
     }
@@ -89,37 +93,104 @@ impl Tracker {
     }
 }
 
-/// One envelope's progress across the sinks; holds its in-flight permit.
+/// One envelope's progress across the sinks. It stands for one in-flight
+/// permit, which the worker that finishes it gives back (a batch's worth
+/// at once, so the semaphore's lock is taken per batch, not per envelope),
+/// or its drop if nobody finished it.
 struct Ticket {
     tracker: Arc<Tracker>,
     sinks_left: AtomicUsize,
     rejected: AtomicBool,
-    stats: Arc<Stats>,
-    _permit: OwnedSemaphorePermit,
+    permits: Arc<Semaphore>,
 }
 
 impl Ticket {
     /// One sink is done with the envelope: confirmed, or rejected for good.
-    fn done(&self, rejection: Option<String>) {
+    /// When that was the last sink, `finished` owes the envelope's permit,
+    /// count and tracker completion.
+    fn done<'a>(&'a self, rejection: Option<String>, finished: &mut Finished<'a>) {
         if let Some(reason) = rejection {
             self.rejected.store(true, Ordering::Release);
             self.tracker.fail(reason);
         }
-        if self.sinks_left.fetch_sub(1, Ordering::AcqRel) <= 1 {
-            let counter = if self.rejected.load(Ordering::Acquire) {
-                &self.stats.rejected
-            } else {
-                &self.stats.confirmed
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-            self.tracker.one_done();
+        if self.sinks_left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            finished.add(&self.tracker, self.rejected.load(Ordering::Acquire));
+        }
+    }
+}
+
+/// Envelopes a worker finished in one batch, settled together when it is
+/// through: one semaphore release, one add per counter, and one decrement
+/// per run of envelopes from the same notification, instead of one of
+/// each per envelope on lines other threads write too.
+#[derive(Default)]
+struct Finished<'a> {
+    permits: usize,
+    confirmed: u64,
+    rejected: u64,
+    /// A tracker and how many of its envelopes, not yet settled.
+    run: Option<(&'a Tracker, usize)>,
+}
+
+impl<'a> Finished<'a> {
+    fn add(&mut self, tracker: &'a Tracker, rejected: bool) {
+        self.permits += 1;
+        if rejected {
+            self.rejected += 1;
+        } else {
+            self.confirmed += 1;
+        }
+        match &mut self.run {
+            Some((t, n)) if std::ptr::eq(*t, tracker) => *n += 1,
+            run => {
+                if let Some((t, n)) = run.replace((tracker, 1)) {
+                    t.done_many(n);
+                }
+            }
+        }
+    }
+
+    fn settle(self, stats: &Stats, permits: &Semaphore) {
+        if let Some((t, n)) = self.run {
+            t.done_many(n);
+        }
+        stats.confirmed.fetch_add(self.confirmed, Ordering::Relaxed);
+        stats.rejected.fetch_add(self.rejected, Ordering::Relaxed);
+        permits.add_permits(self.permits);
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        // Unfinished (its worker stopped): give its permit back here.
+        if self.sinks_left.load(Ordering::Acquire) != 0 {
+            self.permits.add_permits(1);
         }
     }
 }
 
 struct Item {
     envelope: Arc<Envelope>,
-    ticket: Arc<Ticket>,
+    ticket: Held,
+}
+
+/// A ticket as a worker holds it: its own when the pipeline has one sink
+/// (the common case, without an allocation per envelope), shared when
+/// several sinks count it down.
+enum Held {
+    Own(Ticket),
+    Shared(Arc<Ticket>),
+}
+
+impl std::ops::Deref for Held {
+    type Target = Ticket;
+
+    fn deref(&self) -> &Ticket {
+        match self {
+            Held::Own(t) => t,
+            Held::Shared(t) => t,
+        }
+    }
 }
 
 /// Bounds of the pipeline.
@@ -176,6 +247,7 @@ impl Pipeline {
         limits: Limits,
     ) -> (Arc<Pipeline>, Vec<JoinHandle<()>>) {
         let stats = Arc::new(Stats::default());
+        let permits = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
         let mut senders = Vec::with_capacity(sinks.len());
         let mut workers = Vec::with_capacity(sinks.len() * limits.lanes);
         let dead_letter = dead_letter.map(|dl| SinkState::new(dl, "dead_letter"));
@@ -192,6 +264,7 @@ impl Pipeline {
                     rx,
                     limits.max_batch.max(1),
                     stats.clone(),
+                    permits.clone(),
                 )));
             }
             senders.push(lanes);
@@ -200,7 +273,7 @@ impl Pipeline {
         states.extend(dead_letter);
         let pipeline = Pipeline {
             senders,
-            permits: Arc::new(Semaphore::new(limits.max_in_flight.max(1))),
+            permits,
             stats,
             sinks: states,
             submitted: metrics::counter!(telemetry::SUBMITTED),
@@ -253,38 +326,46 @@ impl Pipeline {
         tracker.remaining.fetch_add(1, Ordering::AcqRel);
         self.stats.submitted.fetch_add(1, Ordering::Relaxed);
         self.submitted.increment(1);
-        let ticket = Arc::new(Ticket {
+        if self.senders.is_empty() {
+            self.stats.confirmed.fetch_add(1, Ordering::Relaxed);
+            tracker.one_done();
+            return; // `slot` gives its permit back
+        }
+        // The ticket stands for the permit from here on.
+        slot.0.forget();
+        let ticket = Ticket {
             tracker: tracker.clone(),
             sinks_left: AtomicUsize::new(self.senders.len()),
             rejected: AtomicBool::new(false),
-            stats: self.stats.clone(),
-            _permit: slot.0,
-        });
-        if self.senders.is_empty() {
-            ticket.done(None);
-            return;
-        }
+            permits: self.permits.clone(),
+        };
         let envelope = Arc::new(envelope);
         let lane = lane_of(&envelope.key);
+        // A closed worker means shutdown; the envelope stays unconfirmed
+        // and its notification unacknowledged.
+        if let [lanes] = self.senders.as_slice() {
+            let item = Item {
+                envelope,
+                ticket: Held::Own(ticket),
+            };
+            let _ = lanes[lane % lanes.len()].send(item);
+            return;
+        }
+        let ticket = Arc::new(ticket);
         for lanes in &self.senders {
             let item = Item {
                 envelope: envelope.clone(),
-                ticket: ticket.clone(),
+                ticket: Held::Shared(ticket.clone()),
             };
-            let tx = &lanes[lane % lanes.len()];
-            // A closed worker means shutdown; the envelope stays
-            // unconfirmed and its notification unacknowledged.
-            let _ = tx.send(item);
+            let _ = lanes[lane % lanes.len()].send(item);
         }
     }
 }
 
 /// Same key, same lane: that is what keeps an invocation in order.
 fn lane_of(key: &str) -> usize {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    key.hash(&mut h);
-    h.finish() as usize
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::default().hash_one(key) as usize
 }
 
 /// Sends `envelopes` through `sink` until each one is confirmed or
@@ -385,47 +466,56 @@ async fn worker(
     mut rx: mpsc::UnboundedReceiver<Item>,
     max_batch: usize,
     stats: Arc<Stats>,
+    permits: Arc<Semaphore>,
 ) {
     let mut items = Vec::with_capacity(max_batch);
     let mut envelopes = Vec::with_capacity(max_batch);
+    let mut tickets = Vec::with_capacity(max_batch);
     let mut rejected = Vec::new();
     // Short ceiling: a broker that comes back should see traffic soon.
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut dl_backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let sink = &*state.sink;
     while rx.recv_many(&mut items, max_batch).await > 0 {
-        envelopes.extend(items.iter().map(|i| i.envelope.clone()));
+        for Item { envelope, ticket } in items.drain(..) {
+            envelopes.push(envelope);
+            tickets.push(ticket);
+        }
+        let mut finished = Finished::default();
         deliver(
             &state,
             &envelopes,
             &mut backoff,
             &stats,
             |i, outcome| match outcome {
-                None => items[i].ticket.done(None),
+                None => tickets[i].done(None, &mut finished),
                 Some(error) => rejected.push((i, error)),
             },
         )
         .await;
+        // Settled before any dead-lettering, which may take a while.
+        finished.settle(&stats, &permits);
+        let mut finished = Finished::default();
         for (i, error) in rejected.drain(..) {
-            let item = &items[i];
+            let (envelope, ticket) = (&envelopes[i], &tickets[i]);
             let reason = format!(
                 "{} rejected envelope {}: {}",
                 sink.describe(),
-                item.envelope.id,
+                envelope.id,
                 error
             );
             let Some(dl) = &dead_letter else {
                 tracing::error!(
                     sink = sink.describe(),
-                    envelope = %item.envelope.id,
-                    name = %item.envelope.name,
+                    envelope = %envelope.id,
+                    name = %envelope.name,
                     %error,
                     "sink rejected envelope permanently; its notification stays unacknowledged"
                 );
-                item.ticket.done(Some(reason));
+                ticket.done(Some(reason), &mut finished);
                 continue;
             };
-            let copy = dead_letter_copy(&item.envelope, sink, &error);
+            let copy = dead_letter_copy(envelope, sink, &error);
             let mut outcome = None;
             deliver(dl, &[copy], &mut dl_backoff, &stats, |_, o| outcome = o).await;
             match outcome {
@@ -434,29 +524,32 @@ async fn worker(
                     metrics::counter!(telemetry::DEAD_LETTERED).increment(1);
                     tracing::warn!(
                         sink = sink.describe(),
-                        envelope = %item.envelope.id,
-                        name = %item.envelope.name,
+                        envelope = %envelope.id,
+                        name = %envelope.name,
                         %error,
                         dead_letter = dl.sink.describe(),
                         "sink rejected envelope permanently; sent to the dead-letter sink"
                     );
-                    item.ticket.done(None);
+                    ticket.done(None, &mut finished);
                 }
                 Some(dl_error) => {
                     tracing::error!(
                         sink = sink.describe(),
-                        envelope = %item.envelope.id,
+                        envelope = %envelope.id,
                         %error,
                         dead_letter = dl.sink.describe(),
                         %dl_error,
                         "the dead-letter sink rejected it too; its notification stays unacknowledged"
                     );
-                    item.ticket
-                        .done(Some(format!("{reason}; dead letter: {dl_error}")));
+                    ticket.done(
+                        Some(format!("{reason}; dead letter: {dl_error}")),
+                        &mut finished,
+                    );
                 }
             }
         }
-        items.clear();
+        finished.settle(&stats, &permits);
+        tickets.clear();
         envelopes.clear();
     }
     if let Err(e) = sink.flush().await {

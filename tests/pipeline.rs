@@ -166,6 +166,57 @@ async fn a_stalled_sink_stops_intake_at_max_in_flight() {
     assert_eq!(pipeline.in_flight(), 0);
 }
 
+/// Places come back however an envelope ends: rejected by its only sink,
+/// or rejected by one and confirmed by another, in mixed batches.
+#[tokio::test]
+async fn finished_envelopes_give_their_places_back_even_when_rejected() {
+    let rejecting = || -> Arc<dyn Sink> {
+        let (inner, _) = capture();
+        Arc::new(Faulty {
+            inner,
+            fail_first: 0,
+            reject_name: Some("test"),
+            calls: AtomicUsize::new(0),
+        })
+    };
+    let (accepting, accepted) = capture();
+    for sinks in [vec![rejecting()], vec![rejecting(), accepting]] {
+        let count = sinks.len();
+        let (pipeline, _workers) = Pipeline::start(
+            sinks,
+            Limits {
+                max_in_flight: 3,
+                max_batch: 4,
+                lanes: 2,
+            },
+        );
+        let tracker = pipeline.tracker();
+        let all = async {
+            for i in 0..50 {
+                pipeline.submit(&tracker, envelope(i)).await;
+            }
+            tracker.finish().await
+        };
+        let failures = tokio::time::timeout(Duration::from_secs(10), all)
+            .await
+            .expect("intake never stalls")
+            .expect_err("rejected");
+        assert_eq!(failures.len(), 50, "{count} sinks");
+        assert_eq!(pipeline.stats().rejected.load(Ordering::SeqCst), 50);
+        assert_eq!(pipeline.in_flight(), 0);
+        // All three places are free again.
+        let places = async {
+            for _ in 0..3 {
+                std::mem::forget(pipeline.reserve().await);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(1), places)
+            .await
+            .expect("three free places");
+    }
+    assert_eq!(accepted.envelopes().len(), 50);
+}
+
 fn envelope(i: usize) -> Envelope {
     Envelope::new(evbridge::sinks::Event {
         id: format!("e{i}").into(),

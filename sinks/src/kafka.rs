@@ -12,15 +12,17 @@
 //! within a partition.
 
 use std::borrow::Cow;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::util::Timeout;
+use rdkafka::{ClientConfig, ClientContext};
+use tokio::sync::Notify;
 
 use crate::cloudevents::{self, CloudEvents, Mode};
 use crate::template::Template;
@@ -57,7 +59,7 @@ enum Key {
 /// Publishes envelopes to Kafka.
 pub struct KafkaSink {
     config: ClientConfig,
-    producer: RwLock<Arc<FutureProducer>>,
+    producer: RwLock<Arc<KafkaProducer>>,
     /// The topic template, with the prefix (if any) before it.
     topic: Template,
     key: Key,
@@ -273,8 +275,87 @@ pub(crate) fn masked(e: &KafkaError, secrets: &[String]) -> String {
     msg
 }
 
-fn create(config: &ClientConfig) -> Result<FutureProducer, KafkaError> {
-    config.create()
+/// A producer whose delivery reports are counted per batch.
+type KafkaProducer = ThreadedProducer<Deliveries>;
+
+fn create(config: &ClientConfig) -> Result<KafkaProducer, KafkaError> {
+    config.create_with_context(Deliveries)
+}
+
+/// Routes each delivery report to the batch its record came from. One
+/// small box per record and one wake per batch: rdkafka's
+/// `FutureProducer` allocates a channel per record and wakes the sender
+/// for each.
+struct Deliveries;
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = Box<InFlight>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, record: Box<InFlight>) {
+        if let Err((e, _)) = result {
+            record
+                .batch
+                .failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((record.index, e.clone()));
+        }
+        // Dropping `record` counts it as reported.
+    }
+}
+
+/// One `send` call's records still in librdkafka's hands.
+struct Batch {
+    /// Records enqueued and not yet reported, plus one while enqueuing.
+    outstanding: AtomicUsize,
+    /// Failed records: index in the batch and why.
+    failures: Mutex<Vec<(usize, KafkaError)>>,
+    reported: Notify,
+}
+
+impl Batch {
+    fn new() -> Arc<Self> {
+        Arc::new(Batch {
+            outstanding: AtomicUsize::new(1),
+            failures: Mutex::new(Vec::new()),
+            reported: Notify::new(),
+        })
+    }
+
+    fn record(self: &Arc<Self>, index: usize) -> Box<InFlight> {
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        Box::new(InFlight {
+            batch: self.clone(),
+            index,
+        })
+    }
+
+    /// Stops enqueuing and waits until every enqueued record is reported.
+    async fn reports(&self) -> Vec<(usize, KafkaError)> {
+        if self.outstanding.fetch_sub(1, Ordering::AcqRel) != 1 {
+            while self.outstanding.load(Ordering::Acquire) != 0 {
+                self.reported.notified().await;
+            }
+        }
+        std::mem::take(&mut *self.failures.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// A record's ticket through librdkafka; dropped when its delivery was
+/// reported, or when librdkafka refused to enqueue it.
+struct InFlight {
+    batch: Arc<Batch>,
+    index: usize,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.batch.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.batch.reported.notify_one();
+        }
+    }
 }
 
 fn code_of(e: &KafkaError) -> Option<RDKafkaErrorCode> {
@@ -321,7 +402,7 @@ fn classify(e: &KafkaError) -> SinkError {
 }
 
 impl KafkaSink {
-    fn producer(&self) -> Arc<FutureProducer> {
+    fn producer(&self) -> Arc<KafkaProducer> {
         self.producer
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -331,7 +412,7 @@ impl KafkaSink {
     /// After a librdkafka fatal error, or an error that spoils the
     /// idempotent producer's state, the producer is unusable: build a new
     /// one (the failed records are retried on it by the pipeline).
-    fn recover(&self, used: &Arc<FutureProducer>, spoiled: bool) {
+    fn recover(&self, used: &Arc<KafkaProducer>, spoiled: bool) {
         let fatal = used.client().fatal_error();
         if fatal.is_none() && !spoiled {
             return;
@@ -423,24 +504,21 @@ impl Sink for KafkaSink {
 
     async fn send(&self, batch: &[Arc<Envelope>]) -> Result<(), BatchError> {
         let producer = self.producer();
-        let mut pending = Vec::with_capacity(batch.len());
+        let reports = Batch::new();
         let mut enqueue_error = None;
         for (i, env) in batch.iter().enumerate() {
             let topic = self.topic_for(env);
             let key = self.key_for(env);
             let (value, headers) = self.value_and_headers(env);
-            let mut record = FutureRecord::to(&topic)
+            let mut record = BaseRecord::with_opaque_to(&topic, reports.record(i))
                 .payload(value.as_ref())
                 .headers(headers);
             if let Some(k) = &key {
                 record = record.key(k.as_bytes());
             }
             loop {
-                match producer.send_result(record) {
-                    Ok(delivery) => {
-                        pending.push(delivery);
-                        break;
-                    }
+                match producer.send(record) {
+                    Ok(()) => break,
                     // librdkafka's queue is full: wait for deliveries.
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                         record = r;
@@ -458,34 +536,30 @@ impl Sink for KafkaSink {
         }
         // Wait for every report, so a retry does not race records still in
         // flight; the first failure decides where the batch stopped.
-        let mut first_failure: Option<(usize, SinkError)> = None;
-        let mut confirmed_after = Vec::new();
+        let mut failures = reports.reports().await;
+        if failures.is_empty() && enqueue_error.is_none() {
+            return Ok(());
+        }
+        failures.sort_unstable_by_key(|(i, _)| *i);
+        let enqueued = enqueue_error.as_ref().map_or(batch.len(), |(i, _)| *i);
         let mut spoiled = false;
-        for (i, delivery) in pending.into_iter().enumerate() {
-            let outcome = match delivery.await {
-                Ok(Ok(_)) => {
-                    if first_failure.is_some() {
-                        confirmed_after.push(i);
-                    }
-                    continue;
-                }
-                Ok(Err((e, _))) => {
-                    // An idempotent producer whose records timed out may
-                    // keep waiting on a producer id the restarted broker
-                    // no longer knows (seen with tansu): start afresh.
-                    let timed_out = code_of(&e) == Some(RDKafkaErrorCode::MessageTimedOut);
-                    spoiled |= spoils_producer(&e) || (timed_out && self.idempotent);
-                    classify(&e)
-                }
-                Err(_) => SinkError::Retryable("the producer was dropped".into()),
-            };
-            first_failure.get_or_insert((i, outcome));
+        for (_, e) in &failures {
+            // An idempotent producer whose records timed out may keep
+            // waiting on a producer id the restarted broker no longer
+            // knows (seen with tansu): start afresh.
+            let timed_out = code_of(e) == Some(RDKafkaErrorCode::MessageTimedOut);
+            spoiled |= spoils_producer(e) || (timed_out && self.idempotent);
         }
-        if let Some((at, error)) = first_failure.or(enqueue_error) {
-            self.recover(&producer, spoiled);
-            return Err(BatchError::new(at, error).with_confirmed(confirmed_after));
-        }
-        Ok(())
+        self.recover(&producer, spoiled);
+        let Some((at, e)) = failures.first() else {
+            let (at, error) = enqueue_error.expect("a failure");
+            return Err(BatchError::new(at, error));
+        };
+        let failed: Vec<usize> = failures.iter().map(|(i, _)| *i).collect();
+        let confirmed_after = (at + 1..enqueued)
+            .filter(|i| failed.binary_search(i).is_err())
+            .collect();
+        Err(BatchError::new(*at, classify(e)).with_confirmed(confirmed_after))
     }
 
     async fn healthcheck(&self) -> Result<(), SinkError> {
