@@ -326,3 +326,56 @@ async fn broker_killed_and_restarted_the_bridge_resumes_by_itself() {
     all.extend(second);
     assert_all_in_kafka(&s.sim, &all);
 }
+
+/// A record librdkafka refuses to enqueue (too large for
+/// `message.max.bytes`) stops the batch there: the records before it are
+/// confirmed only once the broker took them, none after it is sent (the
+/// pipeline sends them again), and the producer goes on serving the next
+/// batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_record_stops_the_batch_and_the_producer_goes_on() {
+    let broker = Tansu::start();
+    let topic = unique("mixed");
+    let url = format!(
+        "kafka://{}/{topic}?key=id&compression=none&rdkafka.message.max.bytes=1500",
+        broker.bootstrap()
+    );
+    let sink = evbridge::sinks::open(&url).await.unwrap();
+    let record = |i: usize, big: bool| {
+        let text = if big {
+            "x".repeat(3000)
+        } else {
+            "small".into()
+        };
+        std::sync::Arc::new(evbridge::sinks::Envelope::new(evbridge::sinks::Event {
+            id: format!("r{i}").into(),
+            name: "test".into(),
+            namespace: "default".into(),
+            timestamp: "2026-11-29T00:00:00Z".into(),
+            version: 1,
+            topic: "t".into(),
+            key: format!("r{i}").into(),
+            attributes: Default::default(),
+            payload: evbridge::sinks::Payload::trusted(serde_json::json!(text).to_string()),
+        }))
+    };
+    let big = [false, false, true, false, true, false, false];
+    let batch: Vec<_> = big.iter().enumerate().map(|(i, &b)| record(i, b)).collect();
+    let e = sink.send(&batch).await.expect_err("two are too large");
+    assert_eq!(e.at, 2, "{e:?}");
+    assert!(!e.error.is_retryable(), "{e:?}");
+    assert!(e.confirmed.is_empty(), "{e:?}");
+    // A batch after it goes through whole, on the same producer.
+    let again: Vec<_> = (7..9).map(|i| record(i, false)).collect();
+    sink.send(&again).await.expect("small records");
+    // Asks for one more than expected, so it reads until the limit.
+    let bootstrap = broker.bootstrap();
+    let recs = tokio::task::spawn_blocking(move || {
+        consume(&bootstrap, &[topic], 5, Duration::from_secs(5))
+    })
+    .await
+    .unwrap();
+    let mut ids: Vec<String> = recs.iter().map(|r| r.headers["id"].clone()).collect();
+    ids.sort();
+    assert_eq!(ids, ["r0", "r1", "r7", "r8"]);
+}

@@ -279,82 +279,114 @@ pub(crate) fn masked(e: &KafkaError, secrets: &[String]) -> String {
 type KafkaProducer = ThreadedProducer<Deliveries>;
 
 fn create(config: &ClientConfig) -> Result<KafkaProducer, KafkaError> {
-    config.create_with_context(Deliveries)
+    config.create_with_context(Deliveries::default())
 }
 
-/// Routes each delivery report to the batch its record came from. One
-/// small box per record and one wake per batch: rdkafka's
-/// `FutureProducer` allocates a channel per record and wakes the sender
-/// for each.
-struct Deliveries;
+/// Routes each delivery report to the batch its record came from. Each
+/// record's opaque is a sequence number, and the batches in flight (one
+/// per lane) own consecutive ranges of them: nothing is allocated per
+/// record and the sending task is woken once per batch. rdkafka's
+/// `FutureProducer` allocates a channel per record and wakes for each.
+#[derive(Default)]
+struct Deliveries {
+    next: AtomicUsize,
+    in_flight: Mutex<Vec<Arc<Batch>>>,
+}
 
 impl ClientContext for Deliveries {}
 
 impl ProducerContext for Deliveries {
-    type DeliveryOpaque = Box<InFlight>;
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, record: Box<InFlight>) {
+    fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
+        let in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(batch) = in_flight.iter().find(|b| seq.wrapping_sub(b.first) < b.len) else {
+            // Its batch stopped waiting (the send was cancelled).
+            return;
+        };
         if let Err((e, _)) = result {
-            record
-                .batch
+            batch
                 .failures
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push((record.index, e.clone()));
+                .push((seq.wrapping_sub(batch.first), e.clone()));
         }
-        // Dropping `record` counts it as reported.
+        if batch.reported.fetch_add(1, Ordering::SeqCst) + 1
+            == batch.enqueued.load(Ordering::SeqCst)
+        {
+            batch.all_reported.notify_one();
+        }
     }
 }
 
-/// One `send` call's records still in librdkafka's hands.
+impl Deliveries {
+    /// A batch of `len` records, with sequence numbers of its own.
+    fn start(self: &Arc<Self>, len: usize) -> InFlight {
+        let batch = Arc::new(Batch {
+            first: self.next.fetch_add(len, Ordering::Relaxed),
+            len,
+            enqueued: AtomicUsize::new(usize::MAX),
+            reported: AtomicUsize::new(0),
+            failures: Mutex::new(Vec::new()),
+            all_reported: Notify::new(),
+        });
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(batch.clone());
+        InFlight {
+            deliveries: self.clone(),
+            batch,
+        }
+    }
+}
+
+/// One `send` call's records in librdkafka's hands.
 struct Batch {
-    /// Records enqueued and not yet reported, plus one while enqueuing.
-    outstanding: AtomicUsize,
+    /// The sequence number of its first record.
+    first: usize,
+    len: usize,
+    /// How many were enqueued; unknown (`usize::MAX`) while enqueuing.
+    enqueued: AtomicUsize,
+    reported: AtomicUsize,
     /// Failed records: index in the batch and why.
     failures: Mutex<Vec<(usize, KafkaError)>>,
-    reported: Notify,
+    all_reported: Notify,
 }
 
-impl Batch {
-    fn new() -> Arc<Self> {
-        Arc::new(Batch {
-            outstanding: AtomicUsize::new(1),
-            failures: Mutex::new(Vec::new()),
-            reported: Notify::new(),
-        })
-    }
-
-    fn record(self: &Arc<Self>, index: usize) -> Box<InFlight> {
-        self.outstanding.fetch_add(1, Ordering::Relaxed);
-        Box::new(InFlight {
-            batch: self.clone(),
-            index,
-        })
-    }
-
-    /// Stops enqueuing and waits until every enqueued record is reported.
-    async fn reports(&self) -> Vec<(usize, KafkaError)> {
-        if self.outstanding.fetch_sub(1, Ordering::AcqRel) != 1 {
-            while self.outstanding.load(Ordering::Acquire) != 0 {
-                self.reported.notified().await;
-            }
-        }
-        std::mem::take(&mut *self.failures.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-}
-
-/// A record's ticket through librdkafka; dropped when its delivery was
-/// reported, or when librdkafka refused to enqueue it.
+/// A batch registered for its reports; unregistered when dropped, even if
+/// the send is cancelled.
 struct InFlight {
+    deliveries: Arc<Deliveries>,
     batch: Arc<Batch>,
-    index: usize,
+}
+
+impl InFlight {
+    /// The opaque of the batch's record `index`.
+    fn seq(&self, index: usize) -> usize {
+        self.batch.first.wrapping_add(index)
+    }
+
+    /// Waits until each of the first `enqueued` records is reported; the
+    /// failed ones, in no particular order.
+    async fn reports(self, enqueued: usize) -> Vec<(usize, KafkaError)> {
+        let b = &self.batch;
+        b.enqueued.store(enqueued, Ordering::SeqCst);
+        while b.reported.load(Ordering::SeqCst) != enqueued {
+            b.all_reported.notified().await;
+        }
+        std::mem::take(&mut *b.failures.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if self.batch.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.batch.reported.notify_one();
-        }
+        let mut in_flight = self
+            .deliveries
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        in_flight.retain(|b| !Arc::ptr_eq(b, &self.batch));
     }
 }
 
@@ -504,13 +536,13 @@ impl Sink for KafkaSink {
 
     async fn send(&self, batch: &[Arc<Envelope>]) -> Result<(), BatchError> {
         let producer = self.producer();
-        let reports = Batch::new();
+        let reports = producer.context().start(batch.len());
         let mut enqueue_error = None;
         for (i, env) in batch.iter().enumerate() {
             let topic = self.topic_for(env);
             let key = self.key_for(env);
             let (value, headers) = self.value_and_headers(env);
-            let mut record = BaseRecord::with_opaque_to(&topic, reports.record(i))
+            let mut record = BaseRecord::with_opaque_to(&topic, reports.seq(i))
                 .payload(value.as_ref())
                 .headers(headers);
             if let Some(k) = &key {
@@ -536,12 +568,12 @@ impl Sink for KafkaSink {
         }
         // Wait for every report, so a retry does not race records still in
         // flight; the first failure decides where the batch stopped.
-        let mut failures = reports.reports().await;
+        let enqueued = enqueue_error.as_ref().map_or(batch.len(), |(i, _)| *i);
+        let mut failures = reports.reports(enqueued).await;
         if failures.is_empty() && enqueue_error.is_none() {
             return Ok(());
         }
         failures.sort_unstable_by_key(|(i, _)| *i);
-        let enqueued = enqueue_error.as_ref().map_or(batch.len(), |(i, _)| *i);
         let mut spoiled = false;
         for (_, e) in &failures {
             // An idempotent producer whose records timed out may keep
