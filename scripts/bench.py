@@ -222,10 +222,14 @@ def main():
             med = grep(r"^median: raw (\d+)/s, bridge (\d+)/s, ratio ([\d.]+)", out)
             py_med = grep(r"^python confluent-kafka: .*median (\d+)/s\).*medians ([\d.]+)", out)
             if best and med:
-                rows.append((f"bridge → Kafka vs raw rdkafka, {label}",
+                rows.append((f"bridge → Kafka vs raw rdkafka (each frees its own records), {label}",
                              f"best of 5 rounds each: {int(best[1]):,}/s vs {int(best[0]):,}/s; "
                              f"medians {int(med[1]):,}/s vs {int(med[0]):,}/s",
                              "≥ 0.9× raw", f"{float(best[2]):.2f}× (medians {float(med[2]):.2f}×)"))
+            borrowed = grep(r"^raw loop over borrowed records .*median (\d+)/s; bridge / that, medians ([\d.]+)", out)
+            if borrowed:
+                rows.append((f"  for reference: raw loop over borrowed records it never frees, {label}",
+                             f"median {int(borrowed[0]):,}/s", "-", f"{float(borrowed[1]):.2f}× (medians)"))
             if py and py_med:
                 rows.append((f"bridge → Kafka vs Python confluent-kafka, {label}",
                              f"vs {int(py[0]):,}/s; median {int(py_med[0]):,}/s",
