@@ -217,6 +217,67 @@ async fn finished_envelopes_give_their_places_back_even_when_rejected() {
     assert_eq!(accepted.envelopes().len(), 50);
 }
 
+/// Holds every batch until released, then records its ids in order.
+#[derive(Debug)]
+struct Recorder {
+    open: tokio::sync::Semaphore,
+    ids: std::sync::Mutex<Vec<String>>,
+    largest: AtomicUsize,
+}
+
+#[async_trait]
+impl Sink for Recorder {
+    fn describe(&self) -> &str {
+        "recorder"
+    }
+    async fn send(&self, batch: &[Arc<Envelope>]) -> Result<(), BatchError> {
+        let _p = self.open.acquire().await.unwrap();
+        self.largest.fetch_max(batch.len(), Ordering::SeqCst);
+        let mut ids = self.ids.lock().unwrap();
+        ids.extend(batch.iter().map(|e| e.id.to_string()));
+        Ok(())
+    }
+}
+
+/// What a lane holds when the pipeline is dropped is still delivered, in
+/// order and in batches no larger than the limit, before the worker stops.
+#[tokio::test]
+async fn a_dropped_pipeline_delivers_what_its_lanes_hold_in_order() {
+    let sink = Arc::new(Recorder {
+        open: tokio::sync::Semaphore::new(0),
+        ids: Default::default(),
+        largest: AtomicUsize::new(0),
+    });
+    let (pipeline, workers) = Pipeline::start(
+        vec![sink.clone()],
+        Limits {
+            max_in_flight: 100,
+            max_batch: 4,
+            lanes: 1,
+        },
+    );
+    let tracker = pipeline.tracker();
+    for i in 0..10 {
+        pipeline.submit(&tracker, envelope(i)).await;
+    }
+    drop(pipeline);
+    sink.open.add_permits(1000);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        for w in workers {
+            w.await.unwrap();
+        }
+    })
+    .await
+    .expect("the worker stops once its lane is empty");
+    tokio::time::timeout(Duration::from_secs(1), tracker.finish())
+        .await
+        .expect("everything was delivered")
+        .expect("all confirmed");
+    let want: Vec<String> = (0..10).map(|i| format!("e{i}")).collect();
+    assert_eq!(*sink.ids.lock().unwrap(), want);
+    assert!(sink.largest.load(Ordering::SeqCst) <= 4);
+}
+
 fn envelope(i: usize) -> Envelope {
     Envelope::new(evbridge::sinks::Event {
         id: format!("e{i}").into(),
