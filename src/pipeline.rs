@@ -216,8 +216,8 @@ impl Default for Limits {
 
 /// The fan-out to every sink.
 pub struct Pipeline {
-    /// Per sink, one sender per lane.
-    senders: Vec<Vec<Arc<Lane>>>,
+    /// Per sink, its workers' lanes.
+    lanes: Vec<Vec<Arc<Lane>>>,
     permits: Arc<Semaphore>,
     stats: Arc<Stats>,
     /// Health and metric handles of every sink, dead-letter sink last.
@@ -248,7 +248,7 @@ impl Pipeline {
     ) -> (Arc<Pipeline>, Vec<JoinHandle<()>>) {
         let stats = Arc::new(Stats::default());
         let permits = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
-        let mut senders = Vec::with_capacity(sinks.len());
+        let mut all_lanes = Vec::with_capacity(sinks.len());
         let mut workers = Vec::with_capacity(sinks.len() * limits.lanes);
         let dead_letter = dead_letter.map(|dl| SinkState::new(dl, "dead_letter"));
         let mut states = Vec::with_capacity(sinks.len() + 1);
@@ -267,12 +267,12 @@ impl Pipeline {
                     permits.clone(),
                 )));
             }
-            senders.push(lanes);
+            all_lanes.push(lanes);
             states.push(state);
         }
         states.extend(dead_letter);
         let pipeline = Pipeline {
-            senders,
+            lanes: all_lanes,
             permits,
             stats,
             sinks: states,
@@ -326,7 +326,7 @@ impl Pipeline {
         tracker.remaining.fetch_add(1, Ordering::AcqRel);
         self.stats.submitted.fetch_add(1, Ordering::Relaxed);
         self.submitted.increment(1);
-        if self.senders.is_empty() {
+        if self.lanes.is_empty() {
             self.stats.confirmed.fetch_add(1, Ordering::Relaxed);
             tracker.one_done();
             return; // `slot` gives its permit back
@@ -335,7 +335,7 @@ impl Pipeline {
         slot.0.forget();
         let ticket = Ticket {
             tracker: tracker.clone(),
-            sinks_left: AtomicUsize::new(self.senders.len()),
+            sinks_left: AtomicUsize::new(self.lanes.len()),
             rejected: AtomicBool::new(false),
             permits: self.permits.clone(),
         };
@@ -343,7 +343,7 @@ impl Pipeline {
         let lane = lane_of(&envelope.key);
         // A closed worker means shutdown; the envelope stays unconfirmed
         // and its notification unacknowledged.
-        if let [lanes] = self.senders.as_slice() {
+        if let [lanes] = self.lanes.as_slice() {
             let item = Item {
                 envelope,
                 ticket: Held::Own(ticket),
@@ -352,7 +352,7 @@ impl Pipeline {
             return;
         }
         let ticket = Arc::new(ticket);
-        for lanes in &self.senders {
+        for lanes in &self.lanes {
             let item = Item {
                 envelope: envelope.clone(),
                 ticket: Held::Shared(ticket.clone()),
@@ -365,7 +365,7 @@ impl Pipeline {
 impl Drop for Pipeline {
     /// The workers finish what their lanes hold, flush and stop.
     fn drop(&mut self) {
-        self.senders.iter().flatten().for_each(|lane| lane.close());
+        self.lanes.iter().flatten().for_each(|lane| lane.close());
     }
 }
 

@@ -109,31 +109,9 @@ async fn a_permanent_rejection_keeps_its_notification_unacknowledged() {
     }
 }
 
-/// Holds every batch until released.
-#[derive(Debug)]
-struct Gate {
-    open: tokio::sync::Semaphore,
-    seen: AtomicUsize,
-}
-
-#[async_trait]
-impl Sink for Gate {
-    fn describe(&self) -> &str {
-        "gate"
-    }
-    async fn send(&self, batch: &[Arc<Envelope>]) -> Result<(), BatchError> {
-        self.seen.fetch_add(batch.len(), Ordering::SeqCst);
-        let _p = self.open.acquire().await.unwrap();
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn a_stalled_sink_stops_intake_at_max_in_flight() {
-    let gate = Arc::new(Gate {
-        open: tokio::sync::Semaphore::new(0),
-        seen: AtomicUsize::new(0),
-    });
+    let gate = Arc::new(Recorder::closed());
     let (pipeline, _workers) = Pipeline::start(
         vec![gate.clone()],
         Limits {
@@ -162,7 +140,7 @@ async fn a_stalled_sink_stops_intake_at_max_in_flight() {
     assert!(!producer.is_finished());
     gate.open.add_permits(1000);
     producer.await.unwrap().expect("all confirmed");
-    assert_eq!(gate.seen.load(Ordering::SeqCst), 20);
+    assert_eq!(gate.ids.lock().unwrap().len(), 20);
     assert_eq!(pipeline.in_flight(), 0);
 }
 
@@ -225,6 +203,16 @@ struct Recorder {
     largest: AtomicUsize,
 }
 
+impl Recorder {
+    fn closed() -> Self {
+        Recorder {
+            open: tokio::sync::Semaphore::new(0),
+            ids: Default::default(),
+            largest: AtomicUsize::new(0),
+        }
+    }
+}
+
 #[async_trait]
 impl Sink for Recorder {
     fn describe(&self) -> &str {
@@ -243,11 +231,7 @@ impl Sink for Recorder {
 /// order and in batches no larger than the limit, before the worker stops.
 #[tokio::test]
 async fn a_dropped_pipeline_delivers_what_its_lanes_hold_in_order() {
-    let sink = Arc::new(Recorder {
-        open: tokio::sync::Semaphore::new(0),
-        ids: Default::default(),
-        largest: AtomicUsize::new(0),
-    });
+    let sink = Arc::new(Recorder::closed());
     let (pipeline, workers) = Pipeline::start(
         vec![sink.clone()],
         Limits {
