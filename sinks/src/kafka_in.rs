@@ -66,16 +66,29 @@ impl Offsets {
         p.generation
     }
 
-    /// Marks a record done; returns the last offset now safe to commit
-    /// (everything up to it is done), if that moved.
-    fn done(&self, topic: &str, partition: i32, offset: i64, generation: u64) -> Option<i64> {
+    /// Marks a record done; when that moved the last offset safe to commit
+    /// (everything up to it is done), hands it to `store` and returns it.
+    /// `store` runs under the lock: acknowledgements finish on many tasks,
+    /// and a store made after the lock was let go could land after a later
+    /// one and set the partition's offset back for good (the likely cause
+    /// of a CI run whose commit stayed ten records short of the end).
+    fn done(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        generation: u64,
+        store: impl FnOnce(i64),
+    ) -> Option<i64> {
         let mut parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
         let p = parts.get_mut(&(topic.to_string(), partition))?;
         if p.generation != generation || !p.open.remove(&offset) {
             return None;
         }
         let safe = p.open.first().copied().unwrap_or(p.next);
-        (safe > offset || p.open.is_empty()).then_some(safe - 1)
+        let last = (safe > offset || p.open.is_empty()).then_some(safe - 1)?;
+        store(last);
+        Some(last)
     }
 
     /// Partitions taken away by a rebalance: their records in flight no
@@ -229,20 +242,15 @@ struct KafkaAck {
 #[async_trait]
 impl Ack for KafkaAck {
     async fn ack(self: Box<Self>) {
-        let Some(last) =
-            self.offsets
-                .done(&self.topic, self.partition, self.offset, self.generation)
-        else {
-            return;
-        };
-        // Fails only when the partition was revoked meanwhile: the new
-        // owner reads from the last commit, nothing is lost.
-        if let Err(e) = self
-            .consumer
-            .store_offset(&self.topic, self.partition, last)
-        {
-            tracing::debug!(topic = %self.topic, partition = self.partition, error = %e, "offset not stored");
-        }
+        let (topic, partition) = (&self.topic, self.partition);
+        self.offsets
+            .done(topic, partition, self.offset, self.generation, |last| {
+                // Fails when the partition was taken away meanwhile: its
+                // new owner reads from the last commit, nothing is lost.
+                if let Err(e) = self.consumer.store_offset(topic, partition, last) {
+                    tracing::info!(%topic, partition, offset = last, error = %e, "offset not stored");
+                }
+            });
     }
 }
 
@@ -374,18 +382,18 @@ mod tests {
         let g = o.open("t", 0, 10);
         o.open("t", 0, 11);
         o.open("t", 0, 12);
-        assert_eq!(o.done("t", 0, 11, g), None, "10 is still open");
-        assert_eq!(o.done("t", 0, 10, g), Some(11), "10 and 11 done");
-        assert_eq!(o.done("t", 0, 12, g), Some(12));
-        assert_eq!(o.done("t", 0, 12, g), None, "acked twice");
+        assert_eq!(o.done("t", 0, 11, g, drop), None, "10 is still open");
+        assert_eq!(o.done("t", 0, 10, g, drop), Some(11), "10 and 11 done");
+        assert_eq!(o.done("t", 0, 12, g, drop), Some(12));
+        assert_eq!(o.done("t", 0, 12, g, drop), None, "acked twice");
         // A revoked partition's old acknowledgements count for nothing,
         // even once it is assigned again.
         o.open("t", 0, 13);
         o.revoke(&[("t".into(), 0)]);
         let g2 = o.open("t", 0, 14);
         assert_ne!(g, g2);
-        assert_eq!(o.done("t", 0, 13, g), None);
-        assert_eq!(o.done("t", 0, 14, g2), Some(14));
+        assert_eq!(o.done("t", 0, 13, g, drop), None);
+        assert_eq!(o.done("t", 0, 14, g2, drop), Some(14));
     }
 
     #[test]
@@ -398,10 +406,46 @@ mod tests {
         // flight.
         o.revoke(&[("t".into(), 1)]);
         assert_eq!(o.open("t", 0, 12), g);
-        assert_eq!(o.done("t", 0, 12, g), None, "10 and 11 are still open");
-        assert_eq!(o.done("t", 0, 10, g), Some(10));
-        assert_eq!(o.done("t", 0, 11, g), Some(12));
-        assert_eq!(o.done("t", 1, 5, other), None, "revoked");
+        assert_eq!(
+            o.done("t", 0, 12, g, drop),
+            None,
+            "10 and 11 are still open"
+        );
+        assert_eq!(o.done("t", 0, 10, g, drop), Some(10));
+        assert_eq!(o.done("t", 0, 11, g, drop), Some(12));
+        assert_eq!(o.done("t", 1, 5, other, drop), None, "revoked");
+    }
+
+    #[test]
+    fn offsets_are_stored_in_order_however_acknowledgements_race() {
+        // Eight threads acknowledge a partition's records in interleaved
+        // order; every store must move forward and the last must cover
+        // them all (a store made outside the lock can land late and set the
+        // offset back). Ten rounds, as the race is one of timing.
+        const N: i64 = 20_000;
+        for round in 0..10 {
+            let o = Offsets::default();
+            let g = (0..N).map(|i| o.open("t", 0, i)).last().unwrap();
+            let stored = Mutex::new(Vec::new());
+            std::thread::scope(|s| {
+                for t in 0..8 {
+                    let (o, stored) = (&o, &stored);
+                    s.spawn(move || {
+                        for i in (t..N).step_by(8) {
+                            o.done("t", 0, i, g, |last| {
+                                // Widen the window a late store would need.
+                                std::thread::yield_now();
+                                stored.lock().unwrap().push(last);
+                            });
+                        }
+                    });
+                }
+            });
+            let stored = stored.into_inner().unwrap();
+            let back = stored.windows(2).find(|w| w[0] >= w[1]);
+            assert!(back.is_none(), "round {round}: a store went back: {back:?}");
+            assert_eq!(stored.last(), Some(&(N - 1)), "round {round}");
+        }
     }
 
     #[test]
