@@ -262,7 +262,74 @@ async fn a_dropped_pipeline_delivers_what_its_lanes_hold_in_order() {
     assert!(sink.largest.load(Ordering::SeqCst) <= 4);
 }
 
+/// Keeps a weak handle on every envelope it is sent, to see when they are
+/// freed.
+#[derive(Debug, Default)]
+struct Watcher {
+    seen: std::sync::Mutex<Vec<std::sync::Weak<Envelope>>>,
+}
+
+impl Watcher {
+    fn alive(&self) -> usize {
+        let seen = self.seen.lock().unwrap();
+        seen.iter().filter(|w| w.strong_count() > 0).count()
+    }
+}
+
+#[async_trait]
+impl Sink for Watcher {
+    fn describe(&self) -> &str {
+        "watcher"
+    }
+    async fn send(&self, batch: &[Arc<Envelope>]) -> Result<(), BatchError> {
+        let mut seen = self.seen.lock().unwrap();
+        seen.extend(batch.iter().map(Arc::downgrade));
+        Ok(())
+    }
+}
+
+/// Envelopes every sink is done with wait for the submitting thread to
+/// free them, but not for long and not many: at most `max_in_flight` wait,
+/// and once the source is idle the workers free the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_envelopes_are_freed_and_never_pile_up() {
+    let sink = Arc::new(Watcher::default());
+    let (max_in_flight, max_batch, lanes) = (64, 8, 3);
+    let (pipeline, _workers) = Pipeline::start(
+        vec![sink.clone()],
+        Limits {
+            max_in_flight,
+            max_batch,
+            lanes,
+        },
+    );
+    let tracker = pipeline.tracker();
+    let mut most = 0;
+    for i in 0..3000 {
+        pipeline.submit(&tracker, keyed(i, i % 7)).await;
+        if i % 50 == 0 {
+            most = most.max(sink.alive());
+        }
+    }
+    tracker.finish().await.expect("all confirmed");
+    // Unconfirmed, waiting to be freed, and a batch per worker between.
+    let bound = 2 * max_in_flight + lanes * max_batch;
+    assert!(most <= bound, "{most} alive at once (bound {bound})");
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while sink.alive() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{} envelopes never freed", sink.alive()));
+}
+
 fn envelope(i: usize) -> Envelope {
+    keyed(i, 0)
+}
+
+/// Envelope `i`, with key `k{key}`.
+fn keyed(i: usize, key: usize) -> Envelope {
     Envelope::new(evbridge::sinks::Event {
         id: format!("e{i}").into(),
         name: "test".into(),
@@ -270,7 +337,7 @@ fn envelope(i: usize) -> Envelope {
         timestamp: "2026-11-25T00:00:00Z".into(),
         version: 1,
         topic: "t".into(),
-        key: "k".into(),
+        key: format!("k{key}").into(),
         attributes: Default::default(),
         payload: evbridge::sinks::Payload::trusted("{}".into()),
     })
