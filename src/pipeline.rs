@@ -713,20 +713,9 @@ mod tests {
     use super::*;
 
     fn batch(n: usize) -> Vec<Arc<Envelope>> {
-        (0..n)
-            .map(|i| {
-                Arc::new(Envelope::new(evbridge_sinks::Event {
-                    id: format!("e{i}").into(),
-                    name: "test".into(),
-                    namespace: "default".into(),
-                    timestamp: "2026-11-25T00:00:00Z".into(),
-                    version: 1,
-                    topic: "t".into(),
-                    key: "k".into(),
-                    attributes: Default::default(),
-                    payload: evbridge_sinks::Payload::trusted("{}".into()),
-                }))
-            })
+        crate::sim_gen::sample_envelopes(n)
+            .into_iter()
+            .map(Arc::new)
             .collect()
     }
 
