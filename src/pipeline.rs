@@ -12,7 +12,7 @@
 //! stalls the pull instead of growing memory.
 //!
 //! Envelopes every sink is done with are freed by the thread that submits
-//! (see [`Spent`]), which most likely allocated them, while it submits;
+//! (see `Spent`), which most likely allocated them, while it submits;
 //! a worker frees them itself when its lane is empty or the tray is full.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
