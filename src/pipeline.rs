@@ -457,9 +457,10 @@ impl Lane {
 /// idle, or not keeping up and so has CPU to spare), a worker frees them
 /// itself.
 struct Spent {
-    /// Batches handed over, and how many envelopes they hold.
-    tray: Mutex<(Vec<Vec<Arc<Envelope>>>, usize)>,
-    /// The count again, read without the lock on every submit.
+    /// Batches handed over.
+    tray: Mutex<Vec<Vec<Arc<Envelope>>>>,
+    /// How many envelopes they hold: written under the lock, read without
+    /// it on every submit.
     held: AtomicUsize,
     limit: usize,
 }
@@ -467,13 +468,13 @@ struct Spent {
 impl Spent {
     fn new(limit: usize) -> Self {
         Spent {
-            tray: Mutex::new((Vec::new(), 0)),
+            tray: Mutex::new(Vec::new()),
             held: AtomicUsize::new(0),
             limit,
         }
     }
 
-    fn tray(&self) -> std::sync::MutexGuard<'_, (Vec<Vec<Arc<Envelope>>>, usize)> {
+    fn tray(&self) -> std::sync::MutexGuard<'_, Vec<Vec<Arc<Envelope>>>> {
         self.tray.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -482,15 +483,17 @@ impl Spent {
     fn put(&self, batch: &mut Vec<Arc<Envelope>>) {
         let n = batch.len();
         let mut tray = self.tray();
-        if n == 0 || tray.1 + n > self.limit {
+        let held = self.held.load(Ordering::Relaxed);
+        if n == 0 || held + n > self.limit {
             drop(tray);
             batch.clear();
             return;
         }
-        let full = std::mem::replace(batch, Vec::with_capacity(batch.capacity()));
-        tray.0.push(full);
-        tray.1 += n;
-        self.held.store(tray.1, Ordering::Relaxed);
+        tray.push(std::mem::replace(
+            batch,
+            Vec::with_capacity(batch.capacity()),
+        ));
+        self.held.store(held + n, Ordering::Relaxed);
     }
 
     /// Frees everything handed over so far.
@@ -500,9 +503,8 @@ impl Spent {
         }
         let batches = {
             let mut tray = self.tray();
-            tray.1 = 0;
             self.held.store(0, Ordering::Relaxed);
-            std::mem::take(&mut tray.0)
+            std::mem::take(&mut *tray)
         };
         drop(batches);
     }
