@@ -238,6 +238,16 @@ def main():
                 rows.append((f"bridge → Kafka vs Python confluent-kafka, {label}",
                              f"vs {int(py[0]):,}/s; median {int(py_med[0]):,}/s",
                              "≥ 2× Python", f"{float(py[1]):.1f}× (medians {float(py_med[1]):.1f}×)"))
+            ceiling = grep(r"^ceiling: .*raw rdkafka ([\d.]+) µs, bridge ([\d.]+) µs; "
+                           r"with all (\d+) cores busy at most (\d+)/s and (\d+)/s; "
+                           r"twice Python's median: (\d+)/s", out)
+            if ceiling:
+                raw_us, bridge_us, cores, raw_max, bridge_max, twice = ceiling
+                rows.append((f"  what 2× Python asks of {cores} cores, {label}",
+                             f"{int(twice):,}/s; at the raw rdkafka loop's {raw_us} µs per record "
+                             f"(client + tansu, median) {cores} fully busy cores carry at most "
+                             f"{int(raw_max):,}/s (bridge: {bridge_us} µs, {int(bridge_max):,}/s)",
+                             "-", f"ceiling {int(raw_max) / int(twice):.2f}× of 2× Python"))
             cpu = grep(r"CPU/record: python ([\d.]+) µs, bridge ([\d.]+) µs", out)
             tansu = grep(r"^best: .*its CPU/record: bridge [\d.]+ µs \+ tansu ([\d.]+) µs", out)
             if cpu and tansu:
