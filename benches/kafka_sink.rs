@@ -4,8 +4,8 @@
 //! settings, and against Python confluent-kafka producing the same
 //! records. Prints rates and ratios. All three use the sink's default
 //! compression (lz4), or `EVBRIDGE_BENCH_COMPRESSION`; each keeps one
-//! producer, warmed up before any round is timed, and runs seven rounds:
-//! best and median are printed.
+//! producer, warmed up before any round is timed, and runs 21 rounds
+//! (Python seven runs): best and median are printed.
 //!
 //! The raw loop and the bridge are each handed their own copy of the
 //! records every round (made before the clock, sharing nothing) and free
@@ -45,8 +45,13 @@ fn compression() -> String {
     std::env::var("EVBRIDGE_BENCH_COMPRESSION").unwrap_or_else(|_| "lz4".into())
 }
 
-/// Timed rounds per client (rounds are noisy here: medians of seven).
-const ROUNDS: usize = 7;
+/// Timed rounds per Rust client. Rounds are noisy here (one run's rounds
+/// gave ratios from 0.72 to 1.09): with seven, the median round ratio of
+/// the same code ranged 0.88–1.04 between runs, with 21 it ranged
+/// 0.92–0.97. A round of all three takes about two seconds.
+const ROUNDS: usize = 21;
+/// Timed Python runs (each starts an interpreter and a producer).
+const PYTHON_RUNS: usize = 7;
 
 /// When the raw loop lets go of a record.
 #[derive(Clone, Copy, PartialEq)]
@@ -320,8 +325,8 @@ async fn main() {
         kept_median / raw_median,
         bridge_median / kept_median
     );
-    // As many Python runs (each warms its producer up before its clock).
-    let runs: Vec<_> = (0..ROUNDS)
+    // Python runs (each warms its producer up before its clock).
+    let runs: Vec<_> = (0..PYTHON_RUNS)
         .filter_map(|_| python(&broker.bootstrap(), "bench-python", &envs))
         .collect();
     let mut rates: Vec<f64> = runs.iter().map(|(c, secs, _)| *c as f64 / secs).collect();

@@ -224,7 +224,7 @@ def main():
             rounds = grep(r"^median of the rounds' own ratios .*: ([\d.]+)", out)
             if best and med and rounds:
                 rows.append((f"bridge → Kafka vs raw rdkafka (each frees its own records), {label}",
-                             f"best of 7 rounds each: {int(best[1]):,}/s vs {int(best[0]):,}/s; "
+                             f"best of 21 rounds each: {int(best[1]):,}/s vs {int(best[0]):,}/s; "
                              f"medians {int(med[1]):,}/s vs {int(med[0]):,}/s",
                              "≥ 0.9× raw", f"{float(best[2]):.2f}× (medians {float(med[2]):.2f}×, "
                              f"median round {float(rounds[0]):.2f}×)"))
