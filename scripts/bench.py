@@ -222,9 +222,10 @@ def main():
             med = grep(r"^median: raw (\d+)/s, bridge (\d+)/s, ratio ([\d.]+)", out)
             py_med = grep(r"^python confluent-kafka: .*median (\d+)/s\).*medians ([\d.]+)", out)
             rounds = grep(r"^median of the rounds' own ratios .*: ([\d.]+)", out)
+            n_rounds = len(re.findall(r"^round \d+:", out, re.M))
             if best and med and rounds:
                 rows.append((f"bridge → Kafka vs raw rdkafka (each frees its own records), {label}",
-                             f"best of 21 rounds each: {int(best[1]):,}/s vs {int(best[0]):,}/s; "
+                             f"best of {n_rounds} rounds each: {int(best[1]):,}/s vs {int(best[0]):,}/s; "
                              f"medians {int(med[1]):,}/s vs {int(med[0]):,}/s",
                              "≥ 0.9× raw", f"{float(best[2]):.2f}× (medians {float(med[2]):.2f}×, "
                              f"median round {float(rounds[0]):.2f}×)"))

@@ -11,9 +11,10 @@
 //! permits bounds envelopes not yet confirmed everywhere: a slow sink
 //! stalls the pull instead of growing memory.
 //!
-//! Envelopes every sink is done with are freed by the thread that submits
-//! (see `Spent`), which most likely allocated them, while it submits;
-//! a worker frees them itself when its lane is empty or the tray is full.
+//! A worker's references to envelopes its sink is done with are dropped
+//! by the thread that submits (see `Spent`), which most likely allocated
+//! them, while it submits; a worker drops them itself when its lane is
+//! empty or the tray is full.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -446,20 +447,22 @@ impl Lane {
     }
 }
 
-/// Envelopes every sink is done with, waiting to be freed by the thread
-/// that submits: that thread most likely allocated them (a source
-/// normalizes and submits in one task), and mimalloc frees a block from
-/// another thread at several times the cost. In the Kafka bench, workers
+/// Workers' references to envelopes their sink is done with, waiting to
+/// be dropped by the thread that submits; with one sink (the common case)
+/// dropping them frees the envelopes. That thread most likely allocated
+/// them (a source normalizes and submits in one task), and mimalloc frees
+/// a block from another thread at several times the cost. In the Kafka bench, workers
 /// freeing their own batches cost ~0.5 µs per envelope more than this
 /// (bridge CPU per record 4.3 against 3.8 µs, the raw rdkafka loop's 3.6).
-/// At most `limit` envelopes wait here (so at most twice `max_in_flight`
-/// are alive); past that, and whenever its lane is empty (the source is
-/// idle, or not keeping up and so has CPU to spare), a worker frees them
-/// itself.
+/// At most `limit` references wait here (so besides the `max_in_flight`
+/// envelopes in the pipeline, at most `limit` more, plus the batch each
+/// worker is settling, are alive); past that, and whenever its lane is
+/// empty (the source is idle, or not keeping up and so has CPU to spare),
+/// a worker drops them itself.
 struct Spent {
     /// Batches handed over.
     tray: Mutex<Vec<Vec<Arc<Envelope>>>>,
-    /// How many envelopes they hold: written under the lock, read without
+    /// How many references they hold: written under the lock, read without
     /// it on every submit.
     held: AtomicUsize,
     limit: usize,
