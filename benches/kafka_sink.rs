@@ -148,15 +148,21 @@ fn fresh(envs: &[Envelope]) -> Vec<Envelope> {
 }
 
 /// The envelopes are the bridge's own (normalization made them), so the
-/// caller copies them before the clock and the CPU count start.
+/// caller copies them before the clock and the CPU count start. The clock
+/// stops once the workers are through, when the last envelopes are freed,
+/// as the raw loop's covers freeing all of its records.
 async fn bridge_path(sink: &Arc<dyn Sink>, envs: Vec<Envelope>) -> Duration {
-    let (pipeline, _workers) = Pipeline::start(vec![sink.clone()], Limits::default());
+    let (pipeline, workers) = Pipeline::start(vec![sink.clone()], Limits::default());
     let start = Instant::now();
     let tracker = pipeline.tracker();
     for env in envs {
         pipeline.submit(&tracker, env).await;
     }
     tracker.finish().await.expect("all confirmed");
+    drop(pipeline);
+    for worker in workers {
+        worker.await.expect("a worker ends");
+    }
     start.elapsed()
 }
 
