@@ -48,7 +48,7 @@ fn compression() -> String {
 /// Timed rounds per Rust client. Rounds are noisy here (one run's rounds
 /// gave ratios from 0.72 to 1.09): with seven, the median round ratio of
 /// the same code ranged 0.88–1.04 between runs, with 21 it ranged
-/// 0.92–0.97. A round of all three takes about two seconds.
+/// 0.90–0.99. A round of all three takes about two seconds.
 const ROUNDS: usize = 21;
 /// Timed Python runs (each starts an interpreter and a producer).
 const PYTHON_RUNS: usize = 7;

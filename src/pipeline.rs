@@ -451,9 +451,10 @@ impl Lane {
 /// be dropped by the thread that submits; with one sink (the common case)
 /// dropping them frees the envelopes. That thread most likely allocated
 /// them (a source normalizes and submits in one task), and mimalloc frees
-/// a block from another thread at several times the cost. In the Kafka bench, workers
-/// freeing their own batches cost ~0.5 µs per envelope more than this
-/// (bridge CPU per record 4.3 against 3.8 µs, the raw rdkafka loop's 3.6).
+/// a block from another thread at several times the cost. In the Kafka
+/// bench, workers freeing their own batches cost ~0.5 µs per envelope
+/// more than this (bridge CPU per record 4.3 against 3.8 µs, the raw
+/// rdkafka loop's 3.6).
 /// At most `limit` references wait here (so besides the `max_in_flight`
 /// envelopes in the pipeline, at most `limit` more, plus the batch each
 /// worker is settling, are alive); past that, and whenever its lane is
