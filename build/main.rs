@@ -1,11 +1,15 @@
 //! Compiles `proto/` with protox (pure Rust, no protoc on the machine) and
 //! generates the tonic clients/servers plus a descriptor set that
 //! tests use as an independent JSON witness, and (`json.rs`) the direct
-//! JSON encoders normalization uses.
+//! JSON encoders normalization uses, (`bep.rs`) the names of
+//! Bazel's event kinds, and (`wire.rs`) the field table that finds fields
+//! the schema does not know.
 
 use std::path::{Path, PathBuf};
 
+mod bep;
 mod json;
+mod wire;
 
 fn protos(dir: &Path, out: &mut Vec<PathBuf>) {
     let mut entries: Vec<_> = std::fs::read_dir(dir)
@@ -40,6 +44,8 @@ fn main() {
     let pool = prost_reflect::DescriptorPool::from_file_descriptor_set(fds.clone())
         .unwrap_or_else(|e| panic!("proto/: {e}"));
     std::fs::write(out.join("json.rs"), json::generate(&pool)).expect("write json.rs");
+    std::fs::write(out.join("bep.rs"), bep::generate(&pool)).expect("write bep.rs");
+    std::fs::write(out.join("wire.rs"), wire::generate(&pool)).expect("write wire.rs");
 
     tonic_prost_build::configure()
         .build_client(true)

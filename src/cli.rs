@@ -236,6 +236,10 @@ struct BridgeArgs {
     /// Notifications handled at once, at most (bounds redelivery after a crash).
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
     max_notifications: u64,
+    /// Largest gRPC message taken from the queue and the event store (e.g. 128MiB, 20MB, 1048576).
+    /// Bazel events reach tens of MiB; a larger one fails its invocation with a clear error.
+    #[arg(long, value_name = "SIZE", default_value = "128MiB", value_parser = evbridge_sinks::parse_size)]
+    max_message_size: usize,
     /// Envelopes per sink call, at most.
     #[arg(long, value_name = "N", default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
     max_batch: u64,
@@ -505,6 +509,7 @@ fn bridge_config(args: &BridgeArgs, source: String) -> Result<BridgeConfig, Fail
     };
     source.shutdown_grace = shutdown_grace;
     source.max_notifications = args.max_notifications as usize;
+    source.max_message_size = args.max_message_size;
     let mut cfg = BridgeConfig::new(source);
     cfg.topics = Topics {
         lifecycle: args.lifecycle_topic.clone(),

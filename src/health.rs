@@ -26,6 +26,9 @@ pub struct SinkState {
     send_ok: AtomicBool,
     last_error: Mutex<Option<String>>,
     pub(crate) sent: Counter,
+    pub(crate) filtered: Counter,
+    /// Whether the sink has a name filter to ask.
+    pub(crate) filters: bool,
     pub(crate) failed_retryable: Counter,
     pub(crate) failed_permanent: Counter,
     pub(crate) retries: Counter,
@@ -43,6 +46,8 @@ impl SinkState {
             send_ok: AtomicBool::new(true),
             last_error: Mutex::new(Some("not checked yet".into())),
             sent: metrics::counter!(t::SINK_SENT, &labels),
+            filtered: metrics::counter!(t::SINK_FILTERED, &labels),
+            filters: sink.filters(),
             failed_retryable: metrics::counter!(t::SINK_FAILED, &labels_with(&labels, "retryable")),
             failed_permanent: metrics::counter!(t::SINK_FAILED, &labels_with(&labels, "permanent")),
             retries: metrics::counter!(t::SINK_RETRIES, &labels),

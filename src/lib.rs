@@ -8,7 +8,10 @@
 //! - `bridge`: `run(config, sinks, shutdown)`, the whole bridge in-process.
 //! - `broker_source`: a Kafka topic or RabbitMQ queue as the source.
 //! - `source`: Pull streams, acknowledgements, GetInvocation with resume.
+//! - `store_client`: GetInvocation keeping each event's bytes.
 //! - `normalize`: notifications and build events → envelopes (pure).
+//! - `bep`: Bazel's events named by kind, routing attributes from their ids.
+//! - `unknown`: fields the schema does not know, found on the wire.
 //! - `lifecycle_view`: a lifecycle payload decoded without copying its
 //!   strings.
 //! - `ingest`: records read from a broker (AccelByte events, evbridge
@@ -29,6 +32,7 @@
 //! The sinks, the envelope and the `Sink` trait live in `evbridge-sinks`.
 
 pub mod admin;
+pub mod bep;
 pub mod bridge;
 pub mod broker_source;
 pub mod cli;
@@ -48,6 +52,8 @@ pub mod sim_gen;
 pub mod sim_queue;
 mod sim_store;
 pub mod source;
+pub mod store_client;
 pub mod telemetry;
+pub mod unknown;
 
 pub use evbridge_sinks as sinks;

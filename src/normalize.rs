@@ -11,9 +11,11 @@ use evbridge_sinks::{Attributes, Envelope, Event, Payload, SmolStr, push_json_st
 use prost::Message as _;
 use uuid::Uuid;
 
+use crate::bep;
 use crate::json::{JsonWriter, ProtoJson};
 use crate::lifecycle_view::LifecycleView;
-use crate::pb::{self, LIFECYCLE_TYPE_URL, es, nq};
+use crate::pb::{self, BAZEL_EVENT_TYPE_URL, LIFECYCLE_TYPE_URL, es, nq};
+use crate::unknown::{self, UnknownField};
 
 /// Namespace of the v5 UUIDs evbridge derives its envelope ids from.
 const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f1e_3c0a_8d2b_4b7e_9a51_0c4d_e2f3_a7b9);
@@ -70,11 +72,16 @@ pub struct Invocation {
 pub struct SharedJson {
     /// `","namespace":"…","timestamp":"`, between the name and the time.
     namespace: String,
-    /// From after the time to the `build_id` attribute included (the
-    /// `command_name` attribute, from the event's keywords, comes next).
+    /// From after the time to the opening of the attributes (those of a
+    /// Bazel event's id that sort first, `aspect` and `bep_id`, come next).
     head: String,
-    /// The `invocation_id` and `notification_id` attributes.
-    tail: String,
+    /// The `build_id` attribute (the `command_name` attribute, from the
+    /// event's keywords, and a Bazel event's `configuration` come next).
+    build: String,
+    /// The `invocation_id` attribute (a Bazel event's `label` comes next).
+    invocation: String,
+    /// The `notification_id` attribute.
+    notification: String,
     /// The members of an event's `BuildProgressEvent` before `buildEvent`
     /// (stream id, service level, keywords), rendered from the first
     /// event and reused by those with the same ones.
@@ -94,8 +101,10 @@ impl SharedJson {
         let [build_id, invocation_id, notification_id] = ids;
         let mut s = SharedJson {
             namespace: String::with_capacity(32 + namespace.len()),
-            head: String::with_capacity(80 + topic.len() + invocation_id.len() + build_id.len()),
-            tail: String::with_capacity(48 + invocation_id.len() + notification_id.len()),
+            head: String::with_capacity(64 + topic.len() + invocation_id.len()),
+            build: String::with_capacity(16 + build_id.len()),
+            invocation: String::with_capacity(24 + invocation_id.len()),
+            notification: String::with_capacity(24 + notification_id.len()),
             stream: OnceLock::new(),
         };
         s.namespace.push_str("\",\"namespace\":");
@@ -108,17 +117,22 @@ impl SharedJson {
         push_json_str(head, topic);
         head.push_str(",\"key\":");
         push_json_str(head, invocation_id);
-        head.push_str(",\"attributes\":{\"build_id\":");
-        push_json_str(head, build_id);
-        s.tail.push_str(",\"invocation_id\":");
-        push_json_str(&mut s.tail, invocation_id);
-        s.tail.push_str(",\"notification_id\":");
-        push_json_str(&mut s.tail, notification_id);
+        head.push_str(",\"attributes\":{");
+        s.build.push_str("\"build_id\":");
+        push_json_str(&mut s.build, build_id);
+        s.invocation.push_str(",\"invocation_id\":");
+        push_json_str(&mut s.invocation, invocation_id);
+        s.notification.push_str(",\"notification_id\":");
+        push_json_str(&mut s.notification, notification_id);
         s
     }
 
     fn len(&self) -> usize {
-        self.namespace.len() + self.head.len() + self.tail.len()
+        self.namespace.len()
+            + self.head.len()
+            + self.build.len()
+            + self.invocation.len()
+            + self.notification.len()
     }
 }
 
@@ -188,6 +202,9 @@ pub struct BuildEvent {
     pub envelope: Envelope,
     /// Why parts were left raw, if any (to be logged with the id).
     pub problems: Vec<String>,
+    /// Fields the schema does not know (the envelope carries the original
+    /// bytes), for [`crate::unknown::report`].
+    pub unknown: Vec<UnknownField>,
 }
 
 /// Normalizes notifications and build events into envelopes.
@@ -470,17 +487,53 @@ impl Normalizer {
     }
 
     /// The envelope of the `seq`-th event (0-based) streamed for `inv`.
+    /// Without the bytes it arrived as, only the Bazel event inside is
+    /// searched for fields the schema does not know.
     pub fn build_event(
         &self,
         inv: &Invocation,
         seq: u64,
         ev: &es::StreamedBuildEvent,
     ) -> BuildEvent {
+        self.build_event_from(inv, seq, ev, None)
+    }
+
+    /// As [`Self::build_event`], with `raw`, the bytes `ev` was decoded
+    /// from: fields the schema does not know are found at every level.
+    pub fn build_event_from(
+        &self,
+        inv: &Invocation,
+        seq: u64,
+        ev: &es::StreamedBuildEvent,
+        raw: Option<&[u8]>,
+    ) -> BuildEvent {
         let progress = ev.event.as_ref();
         let build_event = progress.and_then(|p| p.build_event.as_ref());
-        let name = build_event
-            .and_then(|b| b.event.as_ref())
-            .map_or("build_event", build_event_name);
+        // A Bazel event is decoded once, here: its kind names the envelope,
+        // its id gives routing attributes, and the payload is written from
+        // it.
+        let bazel = build_event.and_then(bazel_event);
+        // The bytes searched for unknown fields, and carried if any are.
+        let original = match (raw, build_event.and_then(|b| b.event.as_ref())) {
+            (Some(bytes), _) => Some((STREAMED_TYPE_URL, bytes)),
+            (None, Some(pb::bes::build_event::Event::BazelEvent(any))) => {
+                Some((any.type_url.as_str(), any.value.as_slice()))
+            }
+            _ => None,
+        };
+        let unknown = original
+            .map(|(url, bytes)| unknown::find(url.rsplit('/').next().unwrap_or_default(), bytes))
+            .unwrap_or_default();
+        let name = match &bazel {
+            Some((_, decoded)) => bep::name(decoded),
+            None => build_event
+                .and_then(|b| b.event.as_ref())
+                .map_or("build_event", build_event_name),
+        };
+        let routing = bazel
+            .as_ref()
+            .map(|(_, decoded)| bep::attributes(decoded))
+            .unwrap_or_default();
         let event_time = build_event.and_then(|b| b.event_time);
         let raw_keywords = progress.map_or(&[][..], |p| &p.notification_keywords);
         // The invocation's keywords, rendered once, unless this event has
@@ -496,16 +549,27 @@ impl Normalizer {
         let mut seq_text = itoa::Buffer::new();
         let seq_text = seq_text.format(seq);
 
-        // In name order, so each is appended.
-        let mut attributes = Attributes::with_capacity(6);
+        // In name order, so each is appended: a Bazel event's routing
+        // attributes fall before `build_id` (`aspect`, `bep_id`), between it
+        // and `invocation_id` (`configuration`), before `notification_id`
+        // (`label`) and last (`test_status`).
+        let mut attributes = Attributes::with_capacity(6 + routing.len());
+        let routed = |attributes: &mut Attributes, below: &str, above: &str| {
+            for (n, v) in routing.iter().filter(|(n, _)| *n > below && *n < above) {
+                attributes.insert(SmolStr::new_static(n), SmolStr::new(v));
+            }
+        };
+        routed(&mut attributes, "", "build_id");
         attributes.insert(SmolStr::new_static("build_id"), inv.build_id.clone());
         if let Some(cmd) = &keywords.command_name {
             attributes.insert(SmolStr::new_static("command_name"), cmd.clone());
         }
+        routed(&mut attributes, "build_id", "invocation_id");
         attributes.insert(
             SmolStr::new_static("invocation_id"),
             inv.invocation_id.clone(),
         );
+        routed(&mut attributes, "invocation_id", "notification_id");
         attributes.insert(
             SmolStr::new_static("notification_id"),
             inv.notification_id.clone(),
@@ -520,13 +584,29 @@ impl Normalizer {
             SmolStr::new_static("sequence"),
             SmolStr::new_inline(seq_text),
         );
+        routed(&mut attributes, "sequence", "unknown_fields");
+        let unknown_list = (!unknown.is_empty()).then(|| {
+            unknown
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        });
+        if let Some(list) = &unknown_list {
+            attributes.insert(SmolStr::new_static("unknown_fields"), list.into());
+        }
+        debug_assert!(
+            attributes.iter().is_sorted_by(|a, b| a.0 < b.0),
+            "attributes out of order"
+        );
 
         // The envelope's JSON, written here rather than field by field:
         // the parts its invocation's envelopes share were rendered once.
-        // Id, name and time never need escaping.
+        // Id, name, time and attribute names never need escaping.
         let id = build_event_id(&inv.invocation_id, seq);
         let parts = &inv.parts;
-        let mut out = String::with_capacity(160 + parts.len() + PAYLOAD_HINT);
+        let routing_len: usize = routing.iter().map(|(n, v)| n.len() + v.len() + 8).sum();
+        let mut out = String::with_capacity(160 + parts.len() + routing_len + PAYLOAD_HINT);
         out.push_str("{\"id\":\"");
         out.push_str(&id);
         out.push_str("\",\"name\":\"");
@@ -545,15 +625,42 @@ impl Normalizer {
             None => inv.timestamp.clone(),
         };
         out.push_str(&parts.head);
+        // The routing attributes named between `below` and `above`, each
+        // followed (`first`: the object's first members) or preceded by a
+        // comma.
+        let routed_json = |out: &mut String, below: &str, above: &str, first: bool| {
+            for (n, v) in routing.iter().filter(|(n, _)| *n > below && *n < above) {
+                out.push_str(if first { "\"" } else { ",\"" });
+                out.push_str(n);
+                out.push_str("\":");
+                push_json_str(out, v);
+                if first {
+                    out.push(',');
+                }
+            }
+        };
+        routed_json(&mut out, "", "build_id", true);
+        out.push_str(&parts.build);
         out.push_str(&keywords.command_attribute);
-        out.push_str(&parts.tail);
+        let after =
+            |out: &mut String, below: &str, above: &str| routed_json(out, below, above, false);
+        after(&mut out, "build_id", "invocation_id");
+        out.push_str(&parts.invocation);
+        after(&mut out, "invocation_id", "notification_id");
+        out.push_str(&parts.notification);
         if !ev.principal.is_empty() {
             out.push_str(",\"principal\":");
             push_json_str(&mut out, &ev.principal);
         }
         out.push_str(",\"sequence\":\"");
         out.push_str(seq_text);
-        out.push_str("\"},\"payload\":");
+        out.push('"');
+        after(&mut out, "sequence", "unknown_fields");
+        if let Some(list) = &unknown_list {
+            out.push_str(",\"unknown_fields\":");
+            push_json_str(&mut out, list);
+        }
+        out.push_str("},\"payload\":");
         let start = out.len();
         // The stream members shared by the invocation's events, when this
         // event has the invocation's keywords and the first event's stream.
@@ -570,15 +677,19 @@ impl Normalizer {
             stream.map(|(_, m)| m.as_str()),
             &keywords.json,
             known_time,
+            bazel.as_ref().map(|(url, decoded)| (*url, decoded)),
         );
-        let end = out.len();
-        out.push('}');
         #[cfg(debug_assertions)]
         {
             let mut generic = String::new();
             write_payload(&mut generic, ev, &keywords.json);
-            assert_eq!(generic, out[start..end], "cached stream members differ");
+            assert_eq!(generic, out[start..], "cached stream members differ");
         }
+        if let (Some((type_url, bytes)), false) = (original, unknown.is_empty()) {
+            write_original(&mut out, type_url, bytes, &unknown);
+        }
+        let end = out.len();
+        out.push('}');
 
         // The continuation token is transport state, not content: the
         // generated encoder leaves it out.
@@ -594,7 +705,62 @@ impl Normalizer {
             payload: Payload::default(),
         };
         let envelope = Envelope::prewritten(event, out, start..end);
-        BuildEvent { envelope, problems }
+        BuildEvent {
+            envelope,
+            problems,
+            unknown,
+        }
+    }
+}
+
+/// Type URL of what the event store streams, as carried in `original`.
+const STREAMED_TYPE_URL: &str = "type.googleapis.com/engflow.eventstore.v1.StreamedBuildEvent";
+
+/// Adds the `original` member to the payload object that ends `out`: the
+/// bytes a message arrived as (base64) with its type and the fields the
+/// schema did not know, so nothing a newer schema added is lost.
+fn write_original(out: &mut String, type_url: &str, bytes: &[u8], unknown: &[UnknownField]) {
+    debug_assert!(out.ends_with('}'));
+    out.pop();
+    let empty = out.ends_with('{');
+    if empty {
+        out.pop();
+    }
+    let mut w = JsonWriter::over(std::mem::take(out));
+    if empty {
+        w.begin_object();
+    }
+    w.key("original");
+    w.begin_object();
+    w.key("typeUrl");
+    w.str(type_url);
+    w.key("value");
+    w.bytes(bytes);
+    w.key("unknownFields");
+    w.begin_array();
+    for f in unknown {
+        w.elem();
+        w.str(&f.to_string());
+    }
+    w.end_array();
+    w.end_object();
+    w.end_object();
+    *out = w.finish().0;
+}
+
+/// A Bazel event inside a Build Event Service event, decoded, with its
+/// type URL; `None` when it is something else or does not decode (the
+/// JSON writer then leaves it raw, with the reason).
+fn bazel_event(b: &pb::bes::BuildEvent) -> Option<(&str, pb::bep::BuildEvent)> {
+    match &b.event {
+        Some(pb::bes::build_event::Event::BazelEvent(any))
+            if any.type_url == BAZEL_EVENT_TYPE_URL =>
+        {
+            pb::bep::BuildEvent::decode(any.value.as_slice())
+                .ok()
+                .map(|decoded| (any.type_url.as_str(), decoded))
+        }
+        _ => None,
     }
 }
 
@@ -676,6 +842,7 @@ fn write_streamed_event(
     stream: Option<&str>,
     keywords: &str,
     known_time: Option<(prost_types::Timestamp, std::ops::Range<usize>)>,
+    bazel: Option<(&str, &pb::bep::BuildEvent)>,
 ) -> Vec<String> {
     let (Some(members), Some(p)) = (stream, &ev.event) else {
         return write_payload(out, ev, keywords);
@@ -694,7 +861,25 @@ fn write_streamed_event(
     w.members(members);
     if let Some(b) = &p.build_event {
         w.key("buildEvent");
-        b.write_json(&mut w);
+        match bazel {
+            // As the generated encoder writes it, without decoding the
+            // Bazel event again.
+            Some((type_url, decoded)) => {
+                w.begin_object();
+                if let Some(t) = &b.event_time {
+                    w.key("eventTime");
+                    w.timestamp(t);
+                }
+                w.key("bazelEvent");
+                w.begin_object();
+                w.key("@type");
+                w.str(type_url);
+                decoded.write_members(&mut w);
+                w.end_object();
+                w.end_object();
+            }
+            None => b.write_json(&mut w),
+        }
     }
     w.end_object();
     if !ev.principal.is_empty() {
@@ -841,7 +1026,6 @@ fn build_event_name(event: &pb::bes::build_event::Event) -> &'static str {
         E::BazelEvent(_) => "bazel_event",
         E::BuildExecutionEvent(_) => "build_execution_event",
         E::SourceFetchEvent(_) => "source_fetch_event",
-        E::BuckEvent(_) => "buck_event",
     }
 }
 

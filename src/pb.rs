@@ -48,8 +48,47 @@ pub mod com {
     }
 }
 
+// Bazel's Build Event Protocol and the files it imports (proto/bazel/).
 pub mod build_event_stream {
     tonic::include_proto!("build_event_stream");
+}
+
+pub mod blaze {
+    tonic::include_proto!("blaze");
+    pub mod invocation_policy {
+        tonic::include_proto!("blaze.invocation_policy");
+    }
+    pub mod strategy_policy {
+        tonic::include_proto!("blaze.strategy_policy");
+    }
+}
+
+pub mod command_line {
+    tonic::include_proto!("command_line");
+}
+
+pub mod failure_details {
+    tonic::include_proto!("failure_details");
+}
+
+pub mod options {
+    tonic::include_proto!("options");
+}
+
+pub mod devtools_blaze_proto {
+    tonic::include_proto!("devtools_blaze_proto");
+}
+
+pub mod devtools {
+    pub mod build {
+        pub mod lib {
+            pub mod packages {
+                pub mod metrics {
+                    tonic::include_proto!("devtools.build.lib.packages.metrics");
+                }
+            }
+        }
+    }
 }
 
 pub mod evbridge {

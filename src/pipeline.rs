@@ -635,9 +635,29 @@ async fn worker(
             tickets.push(ticket);
         }
         let mut finished = Finished::default();
+        // What this sink's name filter skips is delivered for it: settled
+        // now, never sent. The rest keeps its order at the front.
+        let mut taken = envelopes.len();
+        if state.filters {
+            taken = 0;
+            for i in 0..envelopes.len() {
+                if sink.accepts(&envelopes[i]) {
+                    envelopes.swap(taken, i);
+                    tickets.swap(taken, i);
+                    taken += 1;
+                }
+            }
+            let skipped = envelopes.len() - taken;
+            if skipped > 0 {
+                state.filtered.increment(skipped as u64);
+                tickets[taken..]
+                    .iter()
+                    .for_each(|t| t.done(None, &mut finished));
+            }
+        }
         deliver(
             &state,
-            &envelopes,
+            &envelopes[..taken],
             &mut backoff,
             &stats,
             |i, outcome| match outcome {

@@ -133,6 +133,29 @@ impl Sim {
     /// Generates the world and, unless a rate is set, releases it all.
     pub fn new(cfg: SimConfig) -> Arc<Self> {
         let world = generate(&cfg.gen_config);
+        Self::with_world(cfg, world)
+    }
+
+    /// A cluster holding `world` instead of a generated one (its
+    /// `gen_config` is not used): real Bazel events, or hand-made ones.
+    pub fn with_world(cfg: SimConfig, world: World) -> Arc<Self> {
+        let stored = world
+            .invocations
+            .iter()
+            .map(|i| encode_all(&i.events))
+            .collect();
+        Self::with_stored(cfg, world, stored)
+    }
+
+    /// As [`Self::with_world`], serving `stored[i][j]` as the bytes of
+    /// event `j` of invocation `i` (they may carry what `world`'s structs
+    /// cannot, such as fields the schema does not know).
+    pub fn with_stored(cfg: SimConfig, world: World, stored: Vec<Vec<bytes::Bytes>>) -> Arc<Self> {
+        assert_eq!(
+            stored.len(),
+            world.invocations.len(),
+            "one list per invocation"
+        );
         let queue = Queue::new(world.notifications.clone());
         if cfg.rate <= 0.0 && !cfg.hold {
             queue.release(usize::MAX);
@@ -145,11 +168,7 @@ impl Sim {
         };
         let invocation_index = index(world.invocations.iter().map(|i| &i.id).collect());
         let build_index = index(world.builds.iter().map(|b| &b.id).collect());
-        let stored_invocations = world
-            .invocations
-            .iter()
-            .map(|i| encode_all(&i.events))
-            .collect();
+        let stored_invocations = stored;
         let stored_builds = world.builds.iter().map(|b| encode_all(&b.events)).collect();
         Arc::new(Sim {
             cfg,

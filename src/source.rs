@@ -29,7 +29,11 @@ use crate::pb::{es, nq};
 use crate::pipeline::{Pipeline, Slot, Tracker};
 use crate::retry::Backoff;
 use crate::shutdown::Shutdown;
+use crate::store_client::{RawStreamed, StoreClient};
 use crate::telemetry as t;
+
+/// Default of [`SourceConfig::max_message_size`]: 128 MiB.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 128 << 20;
 
 /// Where and how to reach the cluster.
 #[derive(Clone)]
@@ -58,6 +62,9 @@ pub struct SourceConfig {
     /// bounds what a crash can make the cluster redeliver (and the sinks
     /// see twice).
     pub max_notifications: usize,
+    /// Largest message taken from the queue or the event store. Real
+    /// Bazel events reach tens of MiB; tonic's default is 4 MiB.
+    pub max_message_size: usize,
 }
 
 impl std::fmt::Debug for SourceConfig {
@@ -89,6 +96,7 @@ impl SourceConfig {
             shutdown_grace: Duration::from_secs(10),
             ack_batch: 1000,
             max_notifications: 256,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
         }
     }
 }
@@ -124,7 +132,6 @@ impl tonic::service::Interceptor for Auth {
 
 type QueueClient =
     nq::notification_queue_client::NotificationQueueClient<InterceptedService<Channel, Auth>>;
-type StoreClient = es::event_store_client::EventStoreClient<InterceptedService<Channel, Auth>>;
 
 /// The gRPC connections of a source: one for the notification queue and
 /// one for the event store. Separate HTTP/2 connections, because their
@@ -413,18 +420,14 @@ impl Source {
         normalizer: Normalizer,
         pipeline: Arc<Pipeline>,
     ) -> Arc<Self> {
-        let max = 64 * 1024 * 1024;
+        let max = cfg.max_message_size;
         Arc::new(Source {
             queue: nq::notification_queue_client::NotificationQueueClient::with_interceptor(
                 channels.queue,
                 channels.auth.clone(),
             )
             .max_decoding_message_size(max),
-            store: es::event_store_client::EventStoreClient::with_interceptor(
-                channels.store,
-                channels.auth,
-            )
-            .max_decoding_message_size(max),
+            store: StoreClient::new(channels.store, channels.auth, max),
             in_progress: Arc::new(Semaphore::new(cfg.max_notifications.max(1))),
             cfg,
             normalizer,
@@ -760,17 +763,22 @@ impl Source {
             let failure = match store.get_invocation(req).await {
                 Err(status) => status,
                 Ok(resp) => {
-                    let mut stream = resp.into_inner();
+                    let mut stream = resp;
                     loop {
                         match stream.message().await {
-                            Ok(Some(ev)) => {
+                            Ok(Some(RawStreamed { event: ev, raw })) => {
                                 if ev.event.is_some() {
                                     self.stats.events.fetch_add(1, Ordering::Relaxed);
                                     self.meters.events.increment(1);
-                                    let out = self.normalizer.build_event(inv, seq, &ev);
+                                    let out =
+                                        self.normalizer.build_event_from(inv, seq, &ev, Some(&raw));
+                                    drop(raw);
                                     for problem in &out.problems {
                                         warn!(notification = %inv.notification_id, invocation = %inv.invocation_id, sequence = seq,
                                             "{problem}; delivered raw");
+                                    }
+                                    if !out.unknown.is_empty() {
+                                        crate::unknown::report(&out.envelope.id, &out.unknown);
                                     }
                                     self.pipeline.submit(tracker, out.envelope).await;
                                     seq += 1;
@@ -795,8 +803,13 @@ impl Source {
                 }
             };
             if !is_transient(failure.code()) {
+                let hint = if failure.message().contains("message length too large") {
+                    " (an event above --max-message-size; raise it to take this invocation)"
+                } else {
+                    ""
+                };
                 return Err(format!(
-                    "GetInvocation {} failed: {:?}: {}",
+                    "GetInvocation {} failed: {:?}: {}{hint}",
                     inv.invocation_id,
                     failure.code(),
                     failure.message()

@@ -56,6 +56,10 @@ pub const SINK_RETRIES: &str = "evbridge_sink_retries_total";
 pub const SINK_SEND_SECONDS: &str = "evbridge_sink_send_duration_seconds";
 /// 1 while the sink is healthy.
 pub const SINK_UP: &str = "evbridge_sink_up";
+/// Envelopes that carried fields the schema does not know, by `message` type.
+pub const UNKNOWN_FIELDS: &str = "evbridge_unknown_fields_total";
+/// Envelopes a sink's `names=` filter skipped (delivered for that sink).
+pub const SINK_FILTERED: &str = "evbridge_sink_envelopes_filtered_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -132,6 +136,14 @@ fn describe() {
         "One sink call: a batch, confirmations included."
     );
     describe_gauge!(SINK_UP, "1 while the sink is healthy.");
+    describe_counter!(
+        UNKNOWN_FIELDS,
+        "Envelopes carrying fields the schema does not know (original bytes kept), by message type."
+    );
+    describe_counter!(
+        SINK_FILTERED,
+        "Envelopes the sink's names= filter skipped (delivered for that sink)."
+    );
 }
 
 /// Sets the gauges that are read off the pipeline and source rather than

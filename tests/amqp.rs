@@ -20,7 +20,7 @@ use lapin::{Connection, ConnectionProperties, ExchangeKind};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_get_exactly_their_routing_keys_all_persistent_json() {
-    let t = Topology::new(&["default.invocation_finished", "#.bazel_event", "#"]).await;
+    let t = Topology::new(&["default.invocation_finished", "#.bazel_test_result", "#"]).await;
     let s = start_sim(sim_config(12, 10)).await;
     let sink = evbridge::sinks::open(&t.sink_url("")).await.unwrap();
     sink.healthcheck()
@@ -71,9 +71,17 @@ async fn subscribers_get_exactly_their_routing_keys_all_persistent_json() {
             .iter()
             .all(|(v, _)| v["name"] == "invocation_finished")
     );
-    let bazel = t.drain("#.bazel_event", count("bazel_event")).await;
-    assert_eq!(bazel.len(), count("bazel_event"));
-    assert!(bazel.iter().all(|(v, _)| v["name"] == "bazel_event"));
+    // A subscriber can bind to Bazel's test results alone.
+    let tests = count("bazel_test_result");
+    assert!(tests > 0);
+    let results = t.drain("#.bazel_test_result", tests).await;
+    assert_eq!(results.len(), tests);
+    for (v, p) in &results {
+        assert_eq!(v["name"], "bazel_test_result");
+        let headers = p.headers().as_ref().expect("headers");
+        assert!(headers.inner().contains_key("label"), "{headers:?}");
+        assert!(headers.inner().contains_key("test_status"), "{headers:?}");
+    }
     t.cleanup().await;
 }
 

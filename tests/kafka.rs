@@ -149,7 +149,7 @@ async fn topic_templates_and_key_choice() {
     let names = [
         "build_started",
         "invocation_finished",
-        "bazel_event",
+        "bazel_test_result",
         "invocation_attempt_started",
     ];
     let topics: Vec<String> = names.iter().map(|n| format!("{ns}.{n}")).collect();

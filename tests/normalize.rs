@@ -163,7 +163,12 @@ fn bazel_test_result_golden() {
     let ev = streamed(bazel(test_result().encode_to_vec()));
     let out = Normalizer::default().build_event(&invocation(), 7, &ev);
     assert!(out.problems.is_empty(), "{:?}", out.problems);
-    assert_eq!(out.envelope.name, "bazel_event");
+    assert!(out.unknown.is_empty(), "{:?}", out.unknown);
+    assert_eq!(out.envelope.name, "bazel_test_result");
+    let attr = |n: &str| out.envelope.attributes.get(n).map(|v| v.as_str());
+    assert_eq!(attr("label"), Some("//lib/cache:lru_test"));
+    assert_eq!(attr("bep_id"), Some("test_result"));
+    assert_eq!(attr("test_status"), Some("FLAKY"));
     assert_eq!(out.envelope.topic, "build-events");
     assert_eq!(out.envelope.timestamp, "2026-11-25T00:00:01Z");
     golden("bazel_test_result", &out.envelope);
@@ -586,4 +591,60 @@ fn prewritten_lifecycle_envelopes_match_the_field_by_field_encoder() {
             );
         }
     }
+}
+
+#[test]
+fn service_levels_are_named_as_upstream_numbers_them() {
+    // google/devtools/build/v1/publish_build_event.proto:
+    // NONINTERACTIVE = 0 (the default), INTERACTIVE = 1.
+    use bes::publish_lifecycle_event_request::ServiceLevel;
+    assert_eq!(ServiceLevel::Noninteractive as i32, 0);
+    assert_eq!(ServiceLevel::Interactive as i32, 1);
+    let norm = Normalizer::default();
+    for (level, name) in [(0, "NONINTERACTIVE"), (1, "INTERACTIVE")] {
+        let mut ev = streamed(bazel(test_result().encode_to_vec()));
+        ev.event.as_mut().unwrap().service_level = Some(level);
+        let out = norm.build_event(&invocation(), 1, &ev);
+        let v: serde_json::Value = serde_json::from_slice(out.envelope.json()).unwrap();
+        assert_eq!(v["payload"]["event"]["serviceLevel"], name, "level {level}");
+    }
+}
+
+#[test]
+fn bazel_events_are_named_by_kind_and_bad_ones_stay_bazel_event() {
+    use bep::build_event::Payload;
+    let norm = Normalizer::default();
+    let named = |payload: Option<Payload>| {
+        let ev = bep::BuildEvent {
+            payload,
+            ..test_result()
+        };
+        norm.build_event(&invocation(), 0, &streamed(bazel(ev.encode_to_vec())))
+            .envelope
+            .name
+            .to_string()
+    };
+    assert_eq!(
+        named(Some(Payload::Progress(Default::default()))),
+        "bazel_progress"
+    );
+    assert_eq!(
+        named(Some(Payload::Aborted(Default::default()))),
+        "bazel_aborted"
+    );
+    assert_eq!(
+        named(Some(Payload::TestSummary(Default::default()))),
+        "bazel_test_summary"
+    );
+    assert_eq!(
+        named(Some(Payload::Completed(Default::default()))),
+        "bazel_target_complete"
+    );
+    assert_eq!(
+        named(Some(Payload::StructuredCommandLine(Default::default()))),
+        "bazel_command_line"
+    );
+    assert_eq!(named(None), "bazel_event");
+    let bad = norm.build_event(&invocation(), 0, &streamed(bazel(vec![0xff])));
+    assert_eq!(bad.envelope.name, "bazel_event");
 }

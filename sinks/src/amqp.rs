@@ -38,6 +38,7 @@ const ACCEPTED: &[&str] = &[
     "content_type",
     "headers",
     "confirm_timeout",
+    "max_message_size",
     "ca",
     "cloudevents",
     "ce_source",
@@ -70,6 +71,8 @@ pub struct AmqpSink {
     kind: ExchangeKind,
     declare: Declare,
     routing_key: Template,
+    /// Larger bodies are refused before publishing (permanent).
+    max_message_size: usize,
     persistent: bool,
     mandatory: bool,
     content_type: String,
@@ -157,6 +160,10 @@ pub fn open(url: &Url) -> Result<AmqpSink, OpenError> {
             format!("option `confirm_timeout={confirm_timeout}` must be positive"),
         ));
     }
+    // RabbitMQ's own default since 4.0 (3.x: 128 MiB). Larger envelopes
+    // are refused here, permanently and by name, instead of making the
+    // broker close the channel on every retry.
+    let max_message_size = opts.size("max_message_size")?.unwrap_or(16 << 20);
     let link = endpoint(url, &mut opts).map_err(|e| fail(&opts, e))?;
     let shown = opts.shown_url().to_string();
     let accepted: Vec<&str> = ACCEPTED.iter().chain(LAPIN_OPTIONS).copied().collect();
@@ -167,6 +174,7 @@ pub fn open(url: &Url) -> Result<AmqpSink, OpenError> {
         kind,
         declare,
         routing_key,
+        max_message_size,
         persistent,
         mandatory,
         content_type,
@@ -352,7 +360,18 @@ async fn open_channel(conn: &Connection) -> Result<Channel, SinkError> {
 /// lapin errors carry the broker's reply text but never the URI, so they
 /// are safe to show.
 pub(crate) fn retryable(what: &str, e: impl std::fmt::Display) -> SinkError {
-    SinkError::Retryable(format!("{what}: {e}"))
+    let text = format!("{what}: {e}");
+    // RabbitMQ closes the channel on a message above its max_message_size
+    // ("message size N is larger than configured max size M"): sending it
+    // again can never work.
+    if text.contains("larger than configured max size") {
+        SinkError::Permanent(format!(
+            "{text} (the broker's max_message_size; lower this sink's max_message_size to \
+             refuse such envelopes before publishing)"
+        ))
+    } else {
+        SinkError::Retryable(text)
+    }
 }
 
 impl AmqpSink {
@@ -485,12 +504,24 @@ impl Sink for AmqpSink {
         let mut publish_error = None;
         for env in batch {
             let key = self.routing_key_for(env);
+            let body = self.body(env);
+            if body.len() > self.max_message_size {
+                publish_error = Some(SinkError::Permanent(format!(
+                    "envelope {} is {} bytes, above this sink's max_message_size of {} bytes \
+                     (RabbitMQ refuses messages above its own max_message_size, 16 MiB by default \
+                     since 4.0; raise both to send it)",
+                    env.id,
+                    body.len(),
+                    self.max_message_size
+                )));
+                break;
+            }
             match ch
                 .basic_publish(
                     self.exchange.as_str().into(),
                     key.as_str().into(),
                     options,
-                    &self.body(env),
+                    &body,
                     self.properties(env),
                 )
                 .await

@@ -16,7 +16,15 @@ use url::Url;
 
 use crate::{BatchError, Envelope, OpenError, Options, Sink, SinkError};
 
-const ACCEPTED: &[&str] = &["window", "ordered", "timeout", "ca", "cert", "key"];
+const ACCEPTED: &[&str] = &[
+    "window",
+    "ordered",
+    "timeout",
+    "max_message_size",
+    "ca",
+    "cert",
+    "key",
+];
 const PATH: &str = "/com.engflow.notificationqueue.demoserver.Forwarding/ForwardStream";
 
 /// `com.engflow.notificationqueue.demoserver.EngFlowRequest` (wire-contracts §5).
@@ -44,6 +52,8 @@ pub struct GrpcSink {
     window: usize,
     ordered: bool,
     timeout: Duration,
+    /// Larger requests are refused before sending (permanent).
+    max_message_size: usize,
     shown: String,
 }
 
@@ -84,6 +94,8 @@ pub fn open(url: &Url) -> Result<GrpcSink, OpenError> {
     if !(timeout > 0.0 && timeout.is_finite()) {
         return Err(opts.invalid(format!("option `timeout={timeout}` must be positive")));
     }
+    // What gRPC servers take by default (tonic, grpc-java, grpc-python).
+    let max_message_size = opts.size("max_message_size")?.unwrap_or(4 << 20);
     let tls = url.scheme() == "grpcs";
     let read = |opts: &Options,
                 key: &str,
@@ -136,6 +148,7 @@ pub fn open(url: &Url) -> Result<GrpcSink, OpenError> {
         window,
         ordered,
         timeout: Duration::from_secs_f64(timeout),
+        max_message_size,
         shown,
     })
 }
@@ -143,6 +156,15 @@ pub fn open(url: &Url) -> Result<GrpcSink, OpenError> {
 /// Whether the receiver may accept the same call later.
 fn classify(status: &Status) -> SinkError {
     let what = format!("{:?}: {}", status.code(), status.message());
+    // A receiver's size limit (grpc-java and grpc-python say RESOURCE_EXHAUSTED
+    // "Received message larger than max", tonic OUT_OF_RANGE): never retried.
+    let message = status.message();
+    if message.contains("larger than max") || message.contains("message length too large") {
+        return SinkError::Permanent(format!(
+            "{what} (the receiver's message size limit; lower this sink's max_message_size \
+             to refuse such envelopes before sending)"
+        ));
+    }
     match status.code() {
         Code::InvalidArgument
         | Code::Unimplemented
@@ -156,16 +178,31 @@ fn classify(status: &Status) -> SinkError {
     }
 }
 
-async fn forward(channel: Channel, env: Arc<Envelope>, timeout: Duration) -> Result<(), SinkError> {
-    let mut grpc = tonic::client::Grpc::new(channel);
+async fn forward(
+    channel: Channel,
+    env: Arc<Envelope>,
+    timeout: Duration,
+    max_message_size: usize,
+) -> Result<(), SinkError> {
+    let payload = String::from_utf8_lossy(env.json()).into_owned();
+    let message = EngFlowRequest {
+        id: env.id.to_string(),
+        payload,
+    };
+    let size = prost::Message::encoded_len(&message);
+    if size > max_message_size {
+        return Err(SinkError::Permanent(format!(
+            "envelope {} is {size} bytes as a ForwardStream request, above this sink's \
+             max_message_size of {max_message_size} bytes (gRPC servers take 4 MiB by \
+             default; raise both to send it)",
+            env.id
+        )));
+    }
+    let mut grpc = tonic::client::Grpc::new(channel).max_encoding_message_size(max_message_size);
     grpc.ready()
         .await
         .map_err(|e| SinkError::Retryable(format!("connecting: {e}")))?;
-    let payload = String::from_utf8_lossy(env.json()).into_owned();
-    let mut request = tonic::Request::new(EngFlowRequest {
-        id: env.id.to_string(),
-        payload,
-    });
+    let mut request = tonic::Request::new(message);
     request.set_timeout(timeout);
     let codec = tonic_prost::ProstCodec::<EngFlowRequest, EngFlowResponse>::default();
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(PATH);
@@ -184,9 +221,14 @@ impl Sink for GrpcSink {
     async fn send(&self, batch: &[Arc<Envelope>]) -> Result<(), BatchError> {
         if self.ordered {
             for (at, env) in batch.iter().enumerate() {
-                forward(self.channel.clone(), env.clone(), self.timeout)
-                    .await
-                    .map_err(|error| BatchError::new(at, error))?;
+                forward(
+                    self.channel.clone(),
+                    env.clone(),
+                    self.timeout,
+                    self.max_message_size,
+                )
+                .await
+                .map_err(|error| BatchError::new(at, error))?;
             }
             return Ok(());
         }
@@ -197,7 +239,12 @@ impl Sink for GrpcSink {
         for (c, chunk) in batch.chunks(window).enumerate() {
             let mut calls = tokio::task::JoinSet::new();
             for (i, env) in chunk.iter().enumerate() {
-                let call = forward(self.channel.clone(), env.clone(), self.timeout);
+                let call = forward(
+                    self.channel.clone(),
+                    env.clone(),
+                    self.timeout,
+                    self.max_message_size,
+                );
                 calls.spawn(async move { (c * window + i, call.await) });
             }
             while let Some(done) = calls.join_next().await {

@@ -434,6 +434,22 @@ fn classify(e: &KafkaError) -> SinkError {
 }
 
 impl KafkaSink {
+    /// [`classify`], with an envelope too large for the producer or the
+    /// broker named by id, size and limit (the dead-letter sink, if any,
+    /// gets it with this reason).
+    fn classify_for(&self, e: &KafkaError, env: &Envelope, size: usize) -> SinkError {
+        if code_of(e) != Some(RDKafkaErrorCode::MessageSizeTooLarge) {
+            return classify(e);
+        }
+        let limit = self.config.get("message.max.bytes").unwrap_or("1000000");
+        SinkError::Permanent(format!(
+            "envelope {} is {size} bytes, above what this Kafka sink may send \
+             (message.max.bytes = {limit}; raise it with rdkafka.message.max.bytes=N, and the \
+             topic's max.message.bytes on the broker): {e}",
+            env.id
+        ))
+    }
+
     fn producer(&self) -> Arc<KafkaProducer> {
         self.producer
             .read()
@@ -557,7 +573,7 @@ impl Sink for KafkaSink {
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
                     Err((e, _)) => {
-                        enqueue_error = Some((i, classify(&e)));
+                        enqueue_error = Some((i, self.classify_for(&e, env, value.len())));
                         break;
                     }
                 }
@@ -591,7 +607,11 @@ impl Sink for KafkaSink {
         let confirmed_after = (at + 1..enqueued)
             .filter(|i| failed.binary_search(i).is_err())
             .collect();
-        Err(BatchError::new(*at, classify(e)).with_confirmed(confirmed_after))
+        let error = match batch.get(*at) {
+            Some(env) => self.classify_for(e, env, env.json().len()),
+            None => classify(e),
+        };
+        Err(BatchError::new(*at, error).with_confirmed(confirmed_after))
     }
 
     async fn healthcheck(&self) -> Result<(), SinkError> {

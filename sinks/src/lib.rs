@@ -7,6 +7,8 @@
 //! - `attributes`: the envelope's sorted name → value strings.
 //! - `error`: [`SinkError`] (retryable or permanent), [`BatchError`],
 //!   [`OpenError`] for bad URLs.
+//! - `filter`: `names=`, which any sink takes to receive only some
+//!   envelope names.
 //! - `options`: query-string options, strict about unknown keys, and
 //!   [`redact`] for showing URLs without secrets.
 //! - `stdout`: `stdout://`, one JSON line per envelope (any `AsyncWrite`).
@@ -41,6 +43,7 @@ mod blackhole;
 mod cloudevents;
 mod envelope;
 mod error;
+mod filter;
 #[cfg(feature = "grpc")]
 mod grpc;
 mod inbound;
@@ -56,10 +59,11 @@ pub use attributes::Attributes;
 pub use blackhole::Blackhole;
 pub use envelope::{Envelope, Event, Payload, push_json_str, push_rfc3339};
 pub use error::{BatchError, OpenError, SinkError};
+pub use filter::NameFilter;
 #[cfg(feature = "grpc")]
 pub use grpc::{EngFlowRequest, EngFlowResponse};
 pub use inbound::{ACCEPTED_SOURCES, Ack, Delivery, Inbound, open_inbound};
-pub use options::{Options, redact};
+pub use options::{Options, parse_size, redact};
 pub use smol_str::SmolStr;
 pub use stdout::{Format, WriterSink};
 pub use template::{PLACEHOLDERS, Template};
@@ -67,7 +71,8 @@ pub use template::{PLACEHOLDERS, Template};
 /// Every accepted sink URL form, for error messages and `--help`.
 pub const ACCEPTED: &str = "stdout://[?format=json|pretty], blackhole://[?interval=SECONDS], \
      none://, kafka://HOST:PORT[,HOST:PORT...]/TOPIC[?prefix=P&key=K&acks=A&compression=C], \
-     amqp[s]://USER:PASS@HOST:PORT/VHOST?exchange=E&routing_key=TEMPLATE, grpc[s]://HOST:PORT";
+     amqp[s]://USER:PASS@HOST:PORT/VHOST?exchange=E&routing_key=TEMPLATE, grpc[s]://HOST:PORT; \
+     every sink also takes names=NAME,PREFIX*,... to take only those envelope names";
 
 /// A destination for envelopes.
 ///
@@ -92,6 +97,17 @@ pub trait Sink: Send + Sync + Debug {
     async fn flush(&self) -> Result<(), SinkError> {
         Ok(())
     }
+
+    /// Whether this sink takes `envelope` (`names=`); one it does not take
+    /// counts as delivered for this sink without being sent.
+    fn accepts(&self, _envelope: &Envelope) -> bool {
+        true
+    }
+
+    /// Whether [`Sink::accepts`] can say no, so callers ask only then.
+    fn filters(&self) -> bool {
+        false
+    }
 }
 
 /// Builds the sink a URL names.
@@ -99,6 +115,17 @@ pub trait Sink: Send + Sync + Debug {
 /// Errors name the bad part (scheme, host, option) and the accepted forms;
 /// passwords and secret options never appear in them.
 pub async fn open(raw: &str) -> Result<Arc<dyn Sink>, OpenError> {
+    // Every sink takes `names=`: it is taken out here, the sink opened from
+    // the rest and put behind the filter.
+    let (rest, names) = filter::split(raw)?;
+    let sink = open_unfiltered(&rest).await?;
+    Ok(match names {
+        Some((filter, shown)) => filter::wrap(sink, filter, &shown),
+        None => sink,
+    })
+}
+
+async fn open_unfiltered(raw: &str) -> Result<Arc<dyn Sink>, OpenError> {
     // A broker list (`b1:9092,b2:9092`) is not a URL authority, so Kafka
     // URLs are split by hand before the generic parser sees them.
     if raw.starts_with("kafka://") {
@@ -167,6 +194,16 @@ mod tests {
             ("blackhole://", Ok("blackhole://")),
             ("none://", Ok("none://")),
             ("blackhole://?interval=2", Ok("blackhole://?interval=2")),
+            (
+                "blackhole://?interval=2&names=bazel_test_*",
+                Ok("blackhole://?interval=2&names=bazel_test_*"),
+            ),
+            ("stdout://?names=a,b", Ok("stdout://?names=a,b")),
+            ("stdout://?names=a b", Err(&["names=a b", "`a b` is not"])),
+            (
+                "stdout://?names=x&colour=1",
+                Err(&["unknown option `colour`"]),
+            ),
             ("stdout://?format=xml", Err(&["format=xml", "json, pretty"])),
             (
                 "stdout://?colour=1",
@@ -193,6 +230,11 @@ mod tests {
             ("", Err(&["malformed", "accepted forms"])),
             #[cfg(feature = "kafka")]
             ("kafka://b:9092/t", Ok("kafka://b:9092/t")),
+            #[cfg(feature = "kafka")]
+            (
+                "kafka://b:9092/flaky?names=bazel_test_summary",
+                Ok("kafka://b:9092/flaky?names=bazel_test_summary"),
+            ),
             #[cfg(not(feature = "kafka"))]
             ("kafka://b:9092/t", Err(&["feature `kafka`"])),
             #[cfg(feature = "amqp")]

@@ -66,6 +66,35 @@ fn redact_userinfo(raw: &str) -> String {
     }
 }
 
+/// A size in bytes: a whole number with an optional unit (`KiB`, `MiB`,
+/// `GiB` powers of 1024; `KB`, `MB`, `GB` powers of 1000; `B`).
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let unit_size: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "`{text}` is not a size (e.g. 128MiB, 20MB, 1048576)"
+            ));
+        }
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit_size))
+        .filter(|&n| n > 0)
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| format!("`{text}` is not a positive size (e.g. 128MiB, 20MB, 1048576)"))
+}
+
 /// The options of one sink URL, consumed as the sink reads them.
 #[derive(Debug)]
 pub struct Options {
@@ -109,6 +138,16 @@ impl Options {
                 let shown = if secret { "***" } else { v.as_str() };
                 self.invalid(format!("option `{key}={shown}` is not {expected}"))
             }),
+        }
+    }
+
+    /// Takes a size option (`16MiB`, `1000000`; see [`parse_size`]).
+    pub fn size(&mut self, key: &str) -> Result<Option<usize>, OpenError> {
+        match self.values.remove(key) {
+            None => Ok(None),
+            Some(v) => parse_size(&v)
+                .map(Some)
+                .map_err(|e| self.invalid(format!("option `{key}`: {e}"))),
         }
     }
 
@@ -229,6 +268,25 @@ mod tests {
         assert!(e.contains("not one of: json, pretty"), "{e}");
         assert_eq!(o.parse::<u64>("n2", "n").unwrap(), Some(1));
         assert_eq!(o.parse::<u64>("absent", "n").unwrap(), None);
+    }
+
+    #[test]
+    fn sizes_take_units() {
+        for (text, want) in [
+            ("1048576", Some(1 << 20)),
+            ("16MiB", Some(16 << 20)),
+            ("20MB", Some(20_000_000)),
+            ("4 KiB", Some(4096)),
+            ("1gib", Some(1 << 30)),
+            ("0", None),
+            ("", None),
+            ("MiB", None),
+            ("12 parsecs", None),
+            ("99999999999999999999", None),
+        ] {
+            assert_eq!(parse_size(text).ok(), want, "{text}");
+        }
+        assert!(parse_size("x").unwrap_err().contains("128MiB"));
     }
 
     #[test]

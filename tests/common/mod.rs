@@ -88,9 +88,20 @@ pub async fn start_sim_tls(
     cfg: SimConfig,
     tls: Option<tonic::transport::ServerTlsConfig>,
 ) -> RunningSim {
+    start_sim_tls_with(Sim::new(cfg), tls).await
+}
+
+/// Starts a simulator made by hand (`Sim::with_world`) on 127.0.0.1:0.
+pub async fn start_sim_with(sim: Arc<Sim>) -> RunningSim {
+    start_sim_tls_with(sim, None).await
+}
+
+async fn start_sim_tls_with(
+    sim: Arc<Sim>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> RunningSim {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let sim = Sim::new(cfg);
     let (trigger, shutdown) = shutdown::channel();
     let scheme = if tls.is_some() { "grpcs" } else { "grpc" };
     tokio::spawn(sim::serve(listener, sim.clone(), tls, shutdown));
