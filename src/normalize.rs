@@ -193,6 +193,9 @@ pub struct Lifecycle {
     pub fetch: Option<Invocation>,
     /// Why parts were left raw, if any (to be logged with the id).
     pub problems: Vec<String>,
+    /// Fields the schema does not know (the envelope carries the original
+    /// bytes), for [`crate::unknown::report`].
+    pub unknown: Vec<UnknownField>,
 }
 
 /// A build-event envelope and any parts that were left raw.
@@ -368,6 +371,7 @@ impl Normalizer {
                         envelope,
                         fetch: None,
                         problems: vec![problem],
+                        unknown: Vec::new(),
                     };
                 }
             },
@@ -377,6 +381,7 @@ impl Normalizer {
             pb::es::BuildLifecycleEventNotification::decode(value).ok(),
             "decoded in place unlike prost"
         );
+        let unknown = unknown::find(LIFECYCLE_TYPE_NAME, value);
 
         use es::build_lifecycle_event_notification::Kind;
         let (name, invocation_id) = match &l.kind {
@@ -414,6 +419,12 @@ impl Normalizer {
             attributes.insert(
                 SmolStr::new_static("principal"),
                 user.principal.as_str().into(),
+            );
+        }
+        if !unknown.is_empty() {
+            attributes.insert(
+                SmolStr::new_static("unknown_fields"),
+                unknown_list(&unknown).into(),
             );
         }
 
@@ -470,19 +481,23 @@ impl Normalizer {
         out.push_str("},\"payload\":");
         let start = out.len();
         let problems = write_lifecycle(&mut out, &l, &keywords);
-        let end = out.len();
-        out.push('}');
         #[cfg(debug_assertions)]
         if let Some(message) = l.to_message() {
             let mut generic = String::new();
             write_payload(&mut generic, &message, &keywords.json);
-            assert_eq!(generic, out[start..end], "rendered keywords differ");
+            assert_eq!(generic, out[start..], "rendered keywords differ");
         }
+        if !unknown.is_empty() {
+            write_original(&mut out, type_url, value, &unknown);
+        }
+        let end = out.len();
+        out.push('}');
         let event = event(name, namespace, key, attributes, Payload::default());
         Lifecycle {
             envelope: Envelope::prewritten(event, out, start..end),
             fetch,
             problems,
+            unknown,
         }
     }
 
@@ -585,13 +600,7 @@ impl Normalizer {
             SmolStr::new_inline(seq_text),
         );
         routed(&mut attributes, "sequence", "unknown_fields");
-        let unknown_list = (!unknown.is_empty()).then(|| {
-            unknown
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(",")
-        });
+        let unknown_list = (!unknown.is_empty()).then(|| unknown_list(&unknown));
         if let Some(list) = &unknown_list {
             attributes.insert(SmolStr::new_static("unknown_fields"), list.into());
         }
@@ -712,6 +721,18 @@ impl Normalizer {
         }
     }
 }
+
+/// The `unknown_fields` attribute: `message#number`, comma-separated.
+fn unknown_list(unknown: &[UnknownField]) -> String {
+    unknown
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Full name of the lifecycle payload (as the field table names it).
+const LIFECYCLE_TYPE_NAME: &str = "engflow.eventstore.v1.BuildLifecycleEventNotification";
 
 /// Type URL of what the event store streams, as carried in `original`.
 const STREAMED_TYPE_URL: &str = "type.googleapis.com/engflow.eventstore.v1.StreamedBuildEvent";

@@ -714,6 +714,9 @@ impl Source {
         for problem in &life.problems {
             warn!(notification = %n.id, "{problem}; delivered raw");
         }
+        if !life.unknown.is_empty() {
+            crate::unknown::report(&life.envelope.id, &life.unknown);
+        }
         self.pipeline.submit_in(slot, &tracker, life.envelope);
         if let Some(inv) = life.fetch
             && let Err(reason) = self.fetch_invocation(&inv, &tracker, shutdown).await

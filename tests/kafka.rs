@@ -379,3 +379,57 @@ async fn a_refused_record_stops_the_batch_and_the_producer_goes_on() {
     ids.sort();
     assert_eq!(ids, ["r0", "r1", "r7", "r8"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_names_filtered_sink_beside_an_all_events_sink_takes_only_its_kinds() {
+    // `kafka://…/flaky?names=…` beside a topic of everything: the filtered
+    // topic gets test results and summaries only, the other all, and
+    // every notification is acknowledged (skipped counts as delivered
+    // for the filtered sink).
+    let broker = Tansu::start();
+    let s = start_sim(sim_config(6, 8)).await;
+    let (all_topic, flaky_topic) = (unique("all"), unique("flaky"));
+    let all = evbridge::sinks::open(&format!("kafka://{}/{all_topic}", broker.bootstrap()))
+        .await
+        .unwrap();
+    let flaky = evbridge::sinks::open(&format!(
+        "kafka://{}/{flaky_topic}?names=bazel_test_*,invocation_finished",
+        broker.bootstrap()
+    ))
+    .await
+    .unwrap();
+    assert!(
+        flaky
+            .describe()
+            .ends_with("?names=bazel_test_*,invocation_finished")
+    );
+    let (seen, out) = capture();
+    run_until_acked(&s.sim, bridge_config(&s.url), vec![all, flaky, seen], LONG)
+        .await
+        .unwrap();
+    assert!(s.sim.all_acked());
+    let envelopes = out.envelopes();
+    let wanted = |name: &str| name.starts_with("bazel_test_") || name == "invocation_finished";
+    let want: HashSet<String> = envelopes
+        .iter()
+        .filter(|e| wanted(e["name"].as_str().unwrap()))
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!want.is_empty() && want.len() < envelopes.len());
+    let got = consume_async(broker.bootstrap(), vec![flaky_topic], want.len()).await;
+    let got_ids: HashSet<String> = got
+        .iter()
+        .map(|r| r.value["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(got_ids, want, "exactly the filtered names");
+    assert!(
+        got.iter()
+            .all(|r| wanted(r.value["name"].as_str().unwrap()))
+    );
+    let everything = consume_async(broker.bootstrap(), vec![all_topic], envelopes.len()).await;
+    let ids: HashSet<&str> = everything
+        .iter()
+        .map(|r| r.value["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), envelopes.len(), "the other sink got everything");
+}

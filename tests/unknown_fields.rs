@@ -275,3 +275,33 @@ async fn the_bridge_carries_unknown_fields_from_the_event_store() {
         assert!(carried.starts_with(&raw), "original bytes carried");
     }
 }
+
+#[test]
+fn a_lifecycle_payload_with_an_unknown_field_carries_its_bytes() {
+    let world = generate(&GenConfig {
+        builds: 1,
+        ..GenConfig::default()
+    });
+    let mut n = world.notifications[0].clone();
+    n.payload.as_mut().unwrap().value.extend(unknown(77));
+    let sent = n.payload.clone().unwrap().value;
+    let out = Normalizer::default().lifecycle(&n);
+    let found: Vec<String> = out.unknown.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        found,
+        ["engflow.eventstore.v1.BuildLifecycleEventNotification#77"]
+    );
+    let v = json(&out.envelope);
+    assert_eq!(v["name"], "build_started");
+    assert_eq!(v["attributes"]["unknown_fields"], found[0]);
+    let original = &v["payload"]["original"];
+    assert_eq!(original["typeUrl"], pb::LIFECYCLE_TYPE_URL);
+    let carried = base64::prelude::BASE64_STANDARD
+        .decode(original["value"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(carried, sent);
+    // Without it, nothing is added.
+    let clean = Normalizer::default().lifecycle(&world.notifications[0]);
+    assert!(clean.unknown.is_empty());
+    assert!(json(&clean.envelope)["payload"].get("original").is_none());
+}

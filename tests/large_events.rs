@@ -1,0 +1,137 @@
+//! A 20 MiB Bazel event end to end: through the simulator's event store
+//! and the bridge, whole to a sink that takes it, and to the dead-letter
+//! sink, with its id, size and the limit, from sinks that cannot (RabbitMQ
+//! at its 16 MiB default, Kafka at librdkafka's 1 MB) — never dropped,
+//! never retried forever.
+
+mod common;
+
+use std::time::Duration;
+
+use common::brokers::Tansu;
+use common::rabbit::Topology;
+use common::*;
+use evbridge::pb::{self, bep, bes};
+use evbridge::sim::Sim;
+use evbridge::sim_gen::{GenConfig, World, generate};
+use prost::Message;
+
+const BIG: usize = 20 << 20;
+
+/// One build whose first invocation's second event is a 20 MiB progress
+/// event (Bazel's console output, as huge as real ones get).
+fn world_with_a_big_event() -> (World, String) {
+    let mut world = generate(&GenConfig {
+        builds: 1,
+        events_per_invocation: 4,
+        ..GenConfig::default()
+    });
+    let line = "[1,024 / 3,311] Compiling server/api/handlers.cc; 3s remote\n";
+    let stdout = line.repeat(BIG / line.len() + 1);
+    let event = bep::BuildEvent {
+        id: Some(bep::BuildEventId {
+            id: Some(bep::build_event_id::Id::Progress(
+                bep::build_event_id::ProgressId { opaque_count: 7 },
+            )),
+        }),
+        payload: Some(bep::build_event::Payload::Progress(bep::Progress {
+            stdout,
+            stderr: String::new(),
+        })),
+        ..Default::default()
+    };
+    let inv = &mut world.invocations[0];
+    let be = inv.events[1]
+        .event
+        .as_mut()
+        .unwrap()
+        .build_event
+        .as_mut()
+        .unwrap();
+    be.event = Some(bes::build_event::Event::BazelEvent(prost_types::Any {
+        type_url: pb::BAZEL_EVENT_TYPE_URL.into(),
+        value: event.encode_to_vec(),
+    }));
+    let id = inv.id.clone();
+    (world, id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_20_mib_event_passes_whole_or_goes_to_the_dead_letter_sink_with_its_reason() {
+    let (world, invocation) = world_with_a_big_event();
+    let big_id = evbridge::normalize::build_event_id(&invocation, 1);
+    let s = start_sim_with(Sim::with_world(sim_config(1, 4), world)).await;
+
+    let t = Topology::new(&["#"]).await;
+    let amqp = evbridge::sinks::open(&t.sink_url("")).await.unwrap();
+    let tansu = Tansu::start();
+    let kafka = evbridge::sinks::open(&format!("kafka://{}/big-events", tansu.bootstrap()))
+        .await
+        .unwrap();
+    let (all, out) = capture();
+    let (dl, dead) = capture();
+    let mut cfg = bridge_config(&s.url);
+    cfg.dead_letter = Some(dl);
+    let summary = run_until_acked(&s.sim, cfg, vec![all, amqp, kafka], Duration::from_secs(90))
+        .await
+        .unwrap();
+    assert!(s.sim.all_acked(), "{:?}", s.sim.report());
+    assert_eq!(summary.dead_lettered, 2, "{summary:?}");
+
+    // Whole where it fits.
+    let envelopes = out.envelopes();
+    let big = envelopes
+        .iter()
+        .find(|e| e["id"] == big_id.as_str())
+        .expect("the big event reached the stdout sink");
+    assert_eq!(big["name"], "bazel_progress");
+    let stdout = big["payload"]["event"]["buildEvent"]["bazelEvent"]["progress"]["stdout"]
+        .as_str()
+        .unwrap();
+    assert!(stdout.len() >= BIG, "{}", stdout.len());
+
+    // Dead-lettered, by id, size and limit, from each sink that refused it.
+    let copies = dead.envelopes();
+    assert_eq!(copies.len(), 2, "one per refusing sink");
+    for copy in &copies {
+        assert_eq!(copy["id"], big_id.as_str());
+        let reason = copy["attributes"]["dead_letter_reason"].as_str().unwrap();
+        assert!(reason.contains(big_id.as_str()), "{reason}");
+        assert!(reason.contains("bytes"), "{reason}");
+        assert!(
+            reason.contains("max_message_size of 16777216") || reason.contains("1000000"),
+            "{reason}"
+        );
+        assert!(reason.contains("(permanent)"), "{reason}");
+    }
+    // Everything else reached RabbitMQ.
+    let others = envelopes.len() - 1;
+    let got = t.drain("#", others).await;
+    assert_eq!(got.len(), others);
+    assert!(got.iter().all(|(v, _)| v["id"] != big_id.as_str()));
+    t.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_above_the_sources_limit_fails_its_invocation_without_a_retry_storm() {
+    let (world, invocation) = world_with_a_big_event();
+    let s = start_sim_with(Sim::with_world(sim_config(1, 4), world)).await;
+    let (all, out) = capture();
+    let mut cfg = bridge_config(&s.url);
+    cfg.source.max_message_size = 8 << 20;
+    run_until_acked(&s.sim, cfg, vec![all], Duration::from_secs(4))
+        .await
+        .unwrap();
+    let report = s.sim.report();
+    // Its notification stays unacknowledged (the cluster will redeliver
+    // it); the stream was asked for once, not again and again.
+    assert!(!s.sim.all_acked());
+    let calls_for_it = report.event_calls;
+    assert!(calls_for_it <= report.invocations as u64 + 1, "{report:?}");
+    let seqs = sequences(&out.envelopes());
+    assert_eq!(
+        seqs.get(&invocation),
+        Some(&vec![0]),
+        "events after it were not taken"
+    );
+}
