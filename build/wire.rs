@@ -25,6 +25,14 @@ pub fn generate(pool: &DescriptorPool) -> String {
         let mut fields: Vec<_> = m.fields().collect();
         fields.sort_by_key(|f| f.number());
         let mut list = String::new();
+        // Numbers below 64 of fields with nothing inside to walk.
+        let mut plain = 0u64;
+        for f in &fields {
+            let walked = matches!(f.kind(), Kind::Message(_));
+            if f.number() < 64 && !walked {
+                plain |= 1 << f.number();
+            }
+        }
         for f in fields {
             let kind = match f.kind() {
                 Kind::Message(t) if t.full_name() == "google.protobuf.Any" => "Field::Any".into(),
@@ -35,7 +43,7 @@ pub fn generate(pool: &DescriptorPool) -> String {
         }
         writeln!(
             out,
-            "    Schema {{ name: {:?}, fields: &[{list}] }},",
+            "    Schema {{ name: {:?}, plain: {plain:#x}, fields: &[{list}] }},",
             m.full_name()
         )
         .unwrap();

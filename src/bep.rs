@@ -47,19 +47,56 @@ pub fn test_status(ev: &bep::BuildEvent) -> Option<&'static str> {
         .map(|s| s.as_str_name())
 }
 
-/// The routing attributes of `ev`, in name order, empty values left out.
-pub fn attributes(ev: &bep::BuildEvent) -> Vec<(&'static str, &str)> {
+/// The routing attributes of an event, empty ones left out, in fields
+/// (not a list) so the envelope writer places each without comparing
+/// names.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Routing<'a> {
+    /// The id's aspect.
+    pub aspect: Option<&'a str>,
+    /// The id's kind.
+    pub bep_id: Option<&'static str>,
+    /// The id's configuration.
+    pub configuration: Option<&'a str>,
+    /// The id's label.
+    pub label: Option<&'a str>,
+    /// A test's status.
+    pub test_status: Option<&'static str>,
+}
+
+impl<'a> Routing<'a> {
+    /// Name and value of each attribute set, in name order.
+    pub fn pairs(&self) -> impl Iterator<Item = (&'static str, &'a str)> + '_ {
+        [
+            ("aspect", self.aspect),
+            ("bep_id", self.bep_id),
+            ("configuration", self.configuration),
+            ("label", self.label),
+            ("test_status", self.test_status),
+        ]
+        .into_iter()
+        .filter_map(|(n, v)| v.map(|v| (n, v)))
+    }
+}
+
+/// The routing attributes of `ev`.
+pub fn routing(ev: &bep::BuildEvent) -> Routing<'_> {
     let id = ev.id.as_ref().map(id_parts).unwrap_or_default();
-    [
-        ("aspect", id.aspect),
-        ("bep_id", Some(id.kind)),
-        ("configuration", id.configuration),
-        ("label", id.label),
-        ("test_status", test_status(ev)),
-    ]
-    .into_iter()
-    .filter_map(|(name, v)| v.filter(|v| !v.is_empty()).map(|v| (name, v)))
-    .collect()
+    fn set(v: Option<&str>) -> Option<&str> {
+        v.filter(|v| !v.is_empty())
+    }
+    Routing {
+        aspect: set(id.aspect),
+        bep_id: Some(id.kind).filter(|k| !k.is_empty()),
+        configuration: set(id.configuration),
+        label: set(id.label),
+        test_status: test_status(ev),
+    }
+}
+
+/// The routing attributes of `ev` as (name, value) pairs, in name order.
+pub fn attributes(ev: &bep::BuildEvent) -> Vec<(&'static str, &str)> {
+    routing(ev).pairs().collect()
 }
 
 #[cfg(test)]

@@ -381,7 +381,7 @@ impl Normalizer {
             pb::es::BuildLifecycleEventNotification::decode(value).ok(),
             "decoded in place unlike prost"
         );
-        let unknown = unknown::find(LIFECYCLE_TYPE_NAME, value);
+        let unknown = unknown::find_root(&LIFECYCLE_ROOT, value);
 
         use es::build_lifecycle_event_notification::Kind;
         let (name, invocation_id) = match &l.kind {
@@ -530,15 +530,18 @@ impl Normalizer {
         let bazel = build_event.and_then(bazel_event);
         // The bytes searched for unknown fields, and carried if any are.
         let original = match (raw, build_event.and_then(|b| b.event.as_ref())) {
-            (Some(bytes), _) => Some((STREAMED_TYPE_URL, bytes)),
-            (None, Some(pb::bes::build_event::Event::BazelEvent(any))) => {
-                Some((any.type_url.as_str(), any.value.as_slice()))
+            (Some(bytes), _) => Some((STREAMED_TYPE_URL, bytes, &STREAMED_ROOT)),
+            (None, Some(pb::bes::build_event::Event::BazelEvent(any)))
+                if any.type_url == BAZEL_EVENT_TYPE_URL =>
+            {
+                Some((any.type_url.as_str(), any.value.as_slice(), &BAZEL_ROOT))
             }
             _ => None,
         };
         let unknown = original
-            .map(|(url, bytes)| unknown::find(url.rsplit('/').next().unwrap_or_default(), bytes))
+            .map(|(_, bytes, root)| unknown::find_root(root, bytes))
             .unwrap_or_default();
+        let original = original.map(|(url, bytes, _)| (url, bytes));
         let name = match &bazel {
             Some((_, decoded)) => bep::name(decoded),
             None => build_event
@@ -547,7 +550,7 @@ impl Normalizer {
         };
         let routing = bazel
             .as_ref()
-            .map(|(_, decoded)| bep::attributes(decoded))
+            .map(|(_, decoded)| bep::routing(decoded))
             .unwrap_or_default();
         let event_time = build_event.and_then(|b| b.event_time);
         let raw_keywords = progress.map_or(&[][..], |p| &p.notification_keywords);
@@ -564,27 +567,30 @@ impl Normalizer {
         let mut seq_text = itoa::Buffer::new();
         let seq_text = seq_text.format(seq);
 
-        // In name order, so each is appended: a Bazel event's routing
-        // attributes fall before `build_id` (`aspect`, `bep_id`), between it
-        // and `invocation_id` (`configuration`), before `notification_id`
-        // (`label`) and last (`test_status`).
-        let mut attributes = Attributes::with_capacity(6 + routing.len());
-        let routed = |attributes: &mut Attributes, below: &str, above: &str| {
-            for (n, v) in routing.iter().filter(|(n, _)| *n > below && *n < above) {
-                attributes.insert(SmolStr::new_static(n), SmolStr::new(v));
+        // In name order, so each is appended; a Bazel event's routing
+        // attributes fall in between.
+        let mut attributes = Attributes::with_capacity(11);
+        let mut put = |name: &'static str, value: Option<&str>| {
+            if let Some(v) = value {
+                attributes.insert(SmolStr::new_static(name), SmolStr::new(v));
             }
         };
-        routed(&mut attributes, "", "build_id");
+        put("aspect", routing.aspect);
+        put("bep_id", routing.bep_id);
         attributes.insert(SmolStr::new_static("build_id"), inv.build_id.clone());
         if let Some(cmd) = &keywords.command_name {
             attributes.insert(SmolStr::new_static("command_name"), cmd.clone());
         }
-        routed(&mut attributes, "build_id", "invocation_id");
+        if let Some(v) = routing.configuration {
+            attributes.insert(SmolStr::new_static("configuration"), SmolStr::new(v));
+        }
         attributes.insert(
             SmolStr::new_static("invocation_id"),
             inv.invocation_id.clone(),
         );
-        routed(&mut attributes, "invocation_id", "notification_id");
+        if let Some(v) = routing.label {
+            attributes.insert(SmolStr::new_static("label"), SmolStr::new(v));
+        }
         attributes.insert(
             SmolStr::new_static("notification_id"),
             inv.notification_id.clone(),
@@ -599,7 +605,9 @@ impl Normalizer {
             SmolStr::new_static("sequence"),
             SmolStr::new_inline(seq_text),
         );
-        routed(&mut attributes, "sequence", "unknown_fields");
+        if let Some(v) = routing.test_status {
+            attributes.insert(SmolStr::new_static("test_status"), SmolStr::new_static(v));
+        }
         let unknown_list = (!unknown.is_empty()).then(|| unknown_list(&unknown));
         if let Some(list) = &unknown_list {
             attributes.insert(SmolStr::new_static("unknown_fields"), list.into());
@@ -614,7 +622,7 @@ impl Normalizer {
         // Id, name, time and attribute names never need escaping.
         let id = build_event_id(&inv.invocation_id, seq);
         let parts = &inv.parts;
-        let routing_len: usize = routing.iter().map(|(n, v)| n.len() + v.len() + 8).sum();
+        let routing_len: usize = routing.pairs().map(|(n, v)| n.len() + v.len() + 8).sum();
         let mut out = String::with_capacity(160 + parts.len() + routing_len + PAYLOAD_HINT);
         out.push_str("{\"id\":\"");
         out.push_str(&id);
@@ -634,28 +642,31 @@ impl Normalizer {
             None => inv.timestamp.clone(),
         };
         out.push_str(&parts.head);
-        // The routing attributes named between `below` and `above`, each
-        // followed (`first`: the object's first members) or preceded by a
-        // comma.
-        let routed_json = |out: &mut String, below: &str, above: &str, first: bool| {
-            for (n, v) in routing.iter().filter(|(n, _)| *n > below && *n < above) {
-                out.push_str(if first { "\"" } else { ",\"" });
-                out.push_str(n);
+        // An attribute after the first: `,"name":"value"`.
+        let attr = |out: &mut String, name: &str, value: Option<&str>| {
+            if let Some(v) = value {
+                out.push_str(",\"");
+                out.push_str(name);
                 out.push_str("\":");
                 push_json_str(out, v);
-                if first {
-                    out.push(',');
-                }
             }
         };
-        routed_json(&mut out, "", "build_id", true);
+        // Those before `build_id`, which the shared part starts without a
+        // comma: each followed by one.
+        for (name, value) in [("aspect", routing.aspect), ("bep_id", routing.bep_id)] {
+            if let Some(v) = value {
+                out.push('"');
+                out.push_str(name);
+                out.push_str("\":");
+                push_json_str(&mut out, v);
+                out.push(',');
+            }
+        }
         out.push_str(&parts.build);
         out.push_str(&keywords.command_attribute);
-        let after =
-            |out: &mut String, below: &str, above: &str| routed_json(out, below, above, false);
-        after(&mut out, "build_id", "invocation_id");
+        attr(&mut out, "configuration", routing.configuration);
         out.push_str(&parts.invocation);
-        after(&mut out, "invocation_id", "notification_id");
+        attr(&mut out, "label", routing.label);
         out.push_str(&parts.notification);
         if !ev.principal.is_empty() {
             out.push_str(",\"principal\":");
@@ -664,7 +675,7 @@ impl Normalizer {
         out.push_str(",\"sequence\":\"");
         out.push_str(seq_text);
         out.push('"');
-        after(&mut out, "sequence", "unknown_fields");
+        attr(&mut out, "test_status", routing.test_status);
         if let Some(list) = &unknown_list {
             out.push_str(",\"unknown_fields\":");
             push_json_str(&mut out, list);
@@ -731,8 +742,12 @@ fn unknown_list(unknown: &[UnknownField]) -> String {
         .join(",")
 }
 
-/// Full name of the lifecycle payload (as the field table names it).
-const LIFECYCLE_TYPE_NAME: &str = "engflow.eventstore.v1.BuildLifecycleEventNotification";
+/// The messages searched for unknown fields first.
+static LIFECYCLE_ROOT: unknown::Root =
+    unknown::Root::new("engflow.eventstore.v1.BuildLifecycleEventNotification");
+static STREAMED_ROOT: unknown::Root =
+    unknown::Root::new("engflow.eventstore.v1.StreamedBuildEvent");
+static BAZEL_ROOT: unknown::Root = unknown::Root::new("build_event_stream.BuildEvent");
 
 /// Type URL of what the event store streams, as carried in `original`.
 const STREAMED_TYPE_URL: &str = "type.googleapis.com/engflow.eventstore.v1.StreamedBuildEvent";

@@ -26,8 +26,43 @@ pub(crate) enum Field {
 #[derive(Debug)]
 pub(crate) struct Schema {
     pub(crate) name: &'static str,
+    /// Bit `n` set: field `n` (< 64) is known and has nothing inside to
+    /// walk, the common case, told without a search.
+    pub(crate) plain: u64,
     pub(crate) fields: &'static [(u32, Field)],
 }
+
+/// A message type to search, its place in the table looked up once.
+#[derive(Debug)]
+pub struct Root {
+    name: &'static str,
+    index: std::sync::OnceLock<Option<usize>>,
+}
+
+impl Root {
+    /// The type `name` (full name, such as `build_event_stream.BuildEvent`).
+    pub const fn new(name: &'static str) -> Self {
+        Root {
+            name,
+            index: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn index(&self) -> Option<usize> {
+        *self.index.get_or_init(|| schema_index(self.name))
+    }
+}
+
+/// Types inside an `Any`, by full name, looked up by hash.
+static BY_NAME: std::sync::LazyLock<
+    std::collections::HashMap<&'static str, usize, foldhash::fast::FixedState>,
+> = std::sync::LazyLock::new(|| {
+    MESSAGES
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.name, i))
+        .collect()
+});
 
 include!(concat!(env!("OUT_DIR"), "/wire.rs"));
 
@@ -57,12 +92,23 @@ fn schema_index(name: &str) -> Option<usize> {
 /// once, sorted; empty when the type is not in the schema. Bytes that do
 /// not parse stop the walk there (prost reports those itself).
 pub fn find(message: &str, bytes: &[u8]) -> Vec<UnknownField> {
+    search(BY_NAME.get(message).copied(), bytes)
+}
+
+/// [`find`] for a type whose place in the table is remembered.
+pub fn find_root(root: &Root, bytes: &[u8]) -> Vec<UnknownField> {
+    search(root.index(), bytes)
+}
+
+fn search(schema: Option<usize>, bytes: &[u8]) -> Vec<UnknownField> {
     let mut found = Vec::new();
-    if let Some(i) = schema_index(message) {
+    if let Some(i) = schema {
         let _ = walk(i, bytes, 0, &mut found);
     }
-    found.sort_unstable();
-    found.dedup();
+    if found.len() > 1 {
+        found.sort_unstable();
+        found.dedup();
+    }
     found
 }
 
@@ -130,6 +176,9 @@ fn walk(
     let s = &MESSAGES[schema];
     while !buf.is_empty() {
         let (number, value) = next(&mut buf)?;
+        if number < 64 && s.plain & (1 << number) != 0 {
+            continue;
+        }
         let field = s
             .fields
             .binary_search_by_key(&number, |(n, _)| *n)
@@ -163,7 +212,7 @@ fn any(mut buf: &[u8], depth: usize, found: &mut Vec<UnknownField>) -> Result<()
         }
     }
     let name = type_url.rsplit(|&b| b == b'/').next().unwrap_or_default();
-    if let Some(i) = std::str::from_utf8(name).ok().and_then(schema_index) {
+    if let Some(&i) = std::str::from_utf8(name).ok().and_then(|n| BY_NAME.get(n)) {
         walk(i, value, depth, found)?;
     }
     Ok(())
@@ -217,6 +266,18 @@ mod tests {
             }
         }
         assert!(schema_index("build_event_stream.BuildEvent").is_some());
+        for (i, s) in MESSAGES.iter().enumerate() {
+            assert_eq!(BY_NAME[s.name], i);
+            for (n, f) in s.fields {
+                let plain = *n < 64 && s.plain & (1 << n) != 0;
+                assert_eq!(
+                    plain,
+                    *n < 64 && matches!(f, Field::Other),
+                    "{}#{n}",
+                    s.name
+                );
+            }
+        }
     }
 
     #[test]

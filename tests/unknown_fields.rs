@@ -245,6 +245,8 @@ async fn the_bridge_carries_unknown_fields_from_the_event_store() {
         stored.push(bytes);
     }
     let invocations = world.invocations.len();
+    // The process-wide recorder, as `--metrics-listen` installs it.
+    let metrics = evbridge::telemetry::install().unwrap();
     let s = start_sim_with(Sim::with_stored(sim_config(2, 3), world, stored)).await;
     let (sink, out) = capture();
     run_until_acked(
@@ -273,6 +275,13 @@ async fn the_bridge_carries_unknown_fields_from_the_event_store() {
         // What arrived: the stored bytes plus the continuation token the
         // store appends.
         assert!(carried.starts_with(&raw), "original bytes carried");
+    }
+    // Counted by message type in /metrics.
+    let text = metrics.render();
+    for want in EXPECTED {
+        let message = want.split('#').next().unwrap();
+        let line = format!("evbridge_unknown_fields_total{{message=\"{message}\"}} {invocations}");
+        assert!(text.contains(&line), "no `{line}` in:\n{text}");
     }
 }
 
