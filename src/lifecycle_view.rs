@@ -14,6 +14,7 @@
 //! generated code calls (public, though not meant for direct use): the
 //! parity tests below would catch a change in a prost release.
 
+use prost::Message as _;
 use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
 
 use crate::pb::engflow::auth::AuthContext;
@@ -33,6 +34,11 @@ pub(crate) struct LifecycleView<'a> {
     pub keywords: Vec<&'a [u8]>,
     /// Fields 100–103 (decoded by prost).
     pub kind: Option<Kind>,
+    /// The encoding may hold fields the schema does not know: one was
+    /// skipped here, or a part prost decoded re-encodes shorter than it
+    /// arrived (prost drops what it does not know). Only then does
+    /// normalization walk the bytes to name them.
+    pub maybe_unknown: bool,
 }
 
 impl<'a> LifecycleView<'a> {
@@ -64,13 +70,23 @@ impl<'a> LifecycleView<'a> {
                     }
                 }
                 3 => {
+                    let before = buf.len();
                     let auth = view.auth_context.get_or_insert_default();
                     prost::encoding::message::merge(wire_type, auth, &mut buf, ctx.clone()).ok()?;
+                    let len = auth.encoded_len();
+                    view.maybe_unknown |=
+                        before - buf.len() != prost::encoding::encoded_len_varint(len as u64) + len;
                 }
                 100..=103 => {
-                    Kind::merge(&mut view.kind, tag, wire_type, &mut buf, ctx.clone()).ok()?
+                    let before = buf.len();
+                    Kind::merge(&mut view.kind, tag, wire_type, &mut buf, ctx.clone()).ok()?;
+                    let len = view.kind.as_ref().map_or(0, Kind::encoded_len);
+                    view.maybe_unknown |= before - buf.len() + prost::encoding::key_len(tag) != len;
                 }
-                _ => skip_field(wire_type, tag, &mut buf, ctx.clone()).ok()?,
+                _ => {
+                    skip_field(wire_type, tag, &mut buf, ctx.clone()).ok()?;
+                    view.maybe_unknown = true;
+                }
             }
         }
         Some(view)
@@ -84,6 +100,8 @@ impl<'a> LifecycleView<'a> {
             auth_context: l.auth_context.clone(),
             keywords: l.keywords.iter().map(|k| k.as_bytes()).collect(),
             kind: l.kind.clone(),
+            // Not known without the bytes: the caller walks them.
+            maybe_unknown: true,
         }
     }
 
@@ -111,7 +129,6 @@ mod tests {
     use crate::pb::es::build_lifecycle_event_notification::{
         InvocationFinished, InvocationStarted,
     };
-    use prost::Message as _;
 
     fn sample(i: u32) -> BuildLifecycleEventNotification {
         BuildLifecycleEventNotification {
@@ -163,7 +180,16 @@ mod tests {
             assert!(agree(&bytes));
             let view = LifecycleView::decode(&bytes).expect("decodes");
             assert_eq!(view.keywords.len(), m.keywords.len());
-            assert_eq!(LifecycleView::of(&m), view);
+            assert!(!view.maybe_unknown);
+            let of = LifecycleView::of(&m);
+            assert!(of.maybe_unknown, "without the bytes, the caller walks them");
+            assert_eq!(
+                LifecycleView {
+                    maybe_unknown: false,
+                    ..of
+                },
+                view
+            );
         }
     }
 
@@ -223,5 +249,32 @@ mod tests {
         }
         // Both outcomes were exercised.
         assert!((1_000..19_000).contains(&accepted), "{accepted} accepted");
+    }
+
+    #[test]
+    fn fields_prost_would_drop_are_suspected_at_both_levels() {
+        for i in 0..40 {
+            let m = sample(i);
+            let clean = m.encode_to_vec();
+            assert!(!LifecycleView::decode(&clean).unwrap().maybe_unknown, "{i}");
+            // An unknown field at the top level.
+            let mut top = clean.clone();
+            top.extend([0xf8, 0x07, 1]);
+            assert!(LifecycleView::decode(&top).unwrap().maybe_unknown, "{i}");
+            // Inside the auth context (field 3): prost drops it there.
+            if let Some(auth) = &m.auth_context {
+                let mut inner = auth.encode_to_vec();
+                inner.extend([0xf8, 0x07, 1]);
+                let mut nested = BuildLifecycleEventNotification {
+                    auth_context: None,
+                    ..m.clone()
+                }
+                .encode_to_vec();
+                prost::encoding::encode_key(3, WireType::LengthDelimited, &mut nested);
+                prost::encoding::encode_varint(inner.len() as u64, &mut nested);
+                nested.extend(inner);
+                assert!(LifecycleView::decode(&nested).unwrap().maybe_unknown, "{i}");
+            }
+        }
     }
 }

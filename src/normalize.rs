@@ -381,7 +381,11 @@ impl Normalizer {
             pb::es::BuildLifecycleEventNotification::decode(value).ok(),
             "decoded in place unlike prost"
         );
-        let unknown = unknown::find_root(&LIFECYCLE_ROOT, value);
+        let unknown = if l.maybe_unknown {
+            unknown::find_root(&LIFECYCLE_ROOT, value)
+        } else {
+            Vec::new()
+        };
 
         use es::build_lifecycle_event_notification::Kind;
         let (name, invocation_id) = match &l.kind {
@@ -528,20 +532,40 @@ impl Normalizer {
         // its id gives routing attributes, and the payload is written from
         // it.
         let bazel = build_event.and_then(bazel_event);
-        // The bytes searched for unknown fields, and carried if any are.
-        let original = match (raw, build_event.and_then(|b| b.event.as_ref())) {
-            (Some(bytes), _) => Some((STREAMED_TYPE_URL, bytes, &STREAMED_ROOT)),
-            (None, Some(pb::bes::build_event::Event::BazelEvent(any)))
-                if any.type_url == BAZEL_EVENT_TYPE_URL =>
-            {
-                Some((any.type_url.as_str(), any.value.as_slice(), &BAZEL_ROOT))
+        // Fields the schema does not know, and the bytes carried then. A
+        // message prost re-encodes to as many bytes as arrived held none
+        // outside its `Any`s (Bazel's and EngFlow's writers are canonical,
+        // as prost is), and the Bazel event gets the same check, so the
+        // walk that finds them runs only on a mismatch, or where an `Any`
+        // other than the Bazel event could hide some.
+        let bazel_bytes = match build_event.and_then(|b| b.event.as_ref()) {
+            Some(pb::bes::build_event::Event::BazelEvent(any)) if bazel.is_some() => {
+                Some((any.type_url.as_str(), any.value.as_slice()))
             }
             _ => None,
         };
-        let unknown = original
-            .map(|(_, bytes, root)| unknown::find_root(root, bytes))
-            .unwrap_or_default();
-        let original = original.map(|(url, bytes, _)| (url, bytes));
+        let bazel_clean = match (&bazel, bazel_bytes) {
+            (Some((_, decoded)), Some((_, bytes))) => decoded.encoded_len() == bytes.len(),
+            _ => true,
+        };
+        let (original, unknown) = match (raw, bazel_bytes) {
+            (Some(bytes), Some((_, inner))) if ev.encoded_len() == bytes.len() => {
+                let unknown = if bazel_clean {
+                    Vec::new()
+                } else {
+                    unknown::find_root(&BAZEL_ROOT, inner)
+                };
+                (Some((STREAMED_TYPE_URL, bytes)), unknown)
+            }
+            (Some(bytes), _) => (
+                Some((STREAMED_TYPE_URL, bytes)),
+                unknown::find_root(&STREAMED_ROOT, bytes),
+            ),
+            (None, Some((url, inner))) if !bazel_clean => {
+                (Some((url, inner)), unknown::find_root(&BAZEL_ROOT, inner))
+            }
+            _ => (None, Vec::new()),
+        };
         let name = match &bazel {
             Some((_, decoded)) => bep::name(decoded),
             None => build_event
@@ -572,45 +596,45 @@ impl Normalizer {
         let mut attributes = Attributes::with_capacity(11);
         let mut put = |name: &'static str, value: Option<&str>| {
             if let Some(v) = value {
-                attributes.insert(SmolStr::new_static(name), SmolStr::new(v));
+                attributes.push_in_order(SmolStr::new_static(name), SmolStr::new(v));
             }
         };
         put("aspect", routing.aspect);
         put("bep_id", routing.bep_id);
-        attributes.insert(SmolStr::new_static("build_id"), inv.build_id.clone());
+        attributes.push_in_order(SmolStr::new_static("build_id"), inv.build_id.clone());
         if let Some(cmd) = &keywords.command_name {
-            attributes.insert(SmolStr::new_static("command_name"), cmd.clone());
+            attributes.push_in_order(SmolStr::new_static("command_name"), cmd.clone());
         }
         if let Some(v) = routing.configuration {
-            attributes.insert(SmolStr::new_static("configuration"), SmolStr::new(v));
+            attributes.push_in_order(SmolStr::new_static("configuration"), SmolStr::new(v));
         }
-        attributes.insert(
+        attributes.push_in_order(
             SmolStr::new_static("invocation_id"),
             inv.invocation_id.clone(),
         );
         if let Some(v) = routing.label {
-            attributes.insert(SmolStr::new_static("label"), SmolStr::new(v));
+            attributes.push_in_order(SmolStr::new_static("label"), SmolStr::new(v));
         }
-        attributes.insert(
+        attributes.push_in_order(
             SmolStr::new_static("notification_id"),
             inv.notification_id.clone(),
         );
         if !ev.principal.is_empty() {
-            attributes.insert(
+            attributes.push_in_order(
                 SmolStr::new_static("principal"),
                 ev.principal.as_str().into(),
             );
         }
-        attributes.insert(
+        attributes.push_in_order(
             SmolStr::new_static("sequence"),
             SmolStr::new_inline(seq_text),
         );
         if let Some(v) = routing.test_status {
-            attributes.insert(SmolStr::new_static("test_status"), SmolStr::new_static(v));
+            attributes.push_in_order(SmolStr::new_static("test_status"), SmolStr::new_static(v));
         }
         let unknown_list = (!unknown.is_empty()).then(|| unknown_list(&unknown));
         if let Some(list) = &unknown_list {
-            attributes.insert(SmolStr::new_static("unknown_fields"), list.into());
+            attributes.push_in_order(SmolStr::new_static("unknown_fields"), list.into());
         }
         debug_assert!(
             attributes.iter().is_sorted_by(|a, b| a.0 < b.0),

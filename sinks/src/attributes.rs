@@ -40,6 +40,17 @@ impl Attributes {
         }
     }
 
+    /// Appends `name`, which must sort after every name already set (what
+    /// an encoder adding them in order knows): no comparison in release
+    /// builds, a check in debug ones.
+    pub fn push_in_order(&mut self, name: SmolStr, value: SmolStr) {
+        debug_assert!(
+            self.0.last().is_none_or(|(last, _)| *last < name),
+            "attribute `{name}` out of order"
+        );
+        self.0.push((name, value));
+    }
+
     /// The value of `name`.
     pub fn get(&self, name: &str) -> Option<&SmolStr> {
         self.0
