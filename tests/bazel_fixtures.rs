@@ -81,31 +81,7 @@ async fn a_real_bazels_events_arrive_exactly_as_its_own_json() {
         let json = json_events(build);
         assert_eq!(raw.len(), json.len(), "{build}: .bin and .json differ");
 
-        // One build whose invocations stream the fixture, each event as a
-        // `bazel_event` in the event store's envelope.
-        let mut world = generate(&GenConfig {
-            builds: 1,
-            events_per_invocation: 1,
-            ..GenConfig::default()
-        });
-        for inv in &mut world.invocations {
-            let template = inv.events[0].clone();
-            inv.events = raw
-                .iter()
-                .map(|bytes| {
-                    let mut ev = template.clone();
-                    let progress = ev.event.as_mut().unwrap();
-                    let be = progress.build_event.as_mut().unwrap();
-                    be.event = Some(bes::build_event::Event::BazelEvent(prost_types::Any {
-                        type_url: pb::BAZEL_EVENT_TYPE_URL.into(),
-                        value: bytes.clone(),
-                    }));
-                    ev.is_last = false;
-                    ev
-                })
-                .collect();
-            inv.events.last_mut().unwrap().is_last = true;
-        }
+        let world = fixture_world(&raw);
         let invocations = world.invocations.len();
         let s = start_world(sim_config(1, 1), world).await;
         let (sink, out) = capture();
@@ -185,6 +161,35 @@ async fn a_real_bazels_events_arrive_exactly_as_its_own_json() {
     );
 }
 
+/// One build whose invocations stream `raw` (a fixture's events), each
+/// event as a `bazel_event` in the event store's envelope.
+fn fixture_world(raw: &[Vec<u8>]) -> evbridge::sim_gen::World {
+    let mut world = generate(&GenConfig {
+        builds: 1,
+        events_per_invocation: 1,
+        ..GenConfig::default()
+    });
+    for inv in &mut world.invocations {
+        let template = inv.events[0].clone();
+        inv.events = raw
+            .iter()
+            .map(|bytes| {
+                let mut ev = template.clone();
+                let progress = ev.event.as_mut().unwrap();
+                let be = progress.build_event.as_mut().unwrap();
+                be.event = Some(bes::build_event::Event::BazelEvent(prost_types::Any {
+                    type_url: pb::BAZEL_EVENT_TYPE_URL.into(),
+                    value: bytes.clone(),
+                }));
+                ev.is_last = false;
+                ev
+            })
+            .collect();
+        inv.events.last_mut().unwrap().is_last = true;
+    }
+    world
+}
+
 /// Starts a simulator holding `world` on 127.0.0.1:0.
 async fn start_world(cfg: evbridge::sim::SimConfig, world: evbridge::sim_gen::World) -> RunningSim {
     start_sim_with(Sim::with_world(cfg, world)).await
@@ -218,4 +223,67 @@ fn diff(ours: &Value, bazels: &Value, path: String, out: &mut Vec<String>) {
         (a, b) if a != b => out.push(format!("{path}: ours {} Bazel's {}", short(a), short(b))),
         _ => {}
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_bazels_events_reach_kafka_and_rabbitmq_as_its_own_json() {
+    // What independent consumers read from the brokers, not what the
+    // bridge meant to write.
+    let build = "keep_going";
+    let raw = binary_events(build);
+    let json = json_events(build);
+    let world = fixture_world(&raw);
+    let want = raw.len() * world.invocations.len();
+    let s = start_world(sim_config(1, 1), world).await;
+    let t = common::rabbit::Topology::new(&["#"]).await;
+    let amqp = evbridge::sinks::open(&t.sink_url("&names=bazel_*"))
+        .await
+        .unwrap();
+    let tansu = common::brokers::Tansu::start();
+    let topic = format!("bazel-{}", std::process::id());
+    let kafka = evbridge::sinks::open(&format!(
+        "kafka://{}/{topic}?names=bazel_*",
+        tansu.bootstrap()
+    ))
+    .await
+    .unwrap();
+    run_until_acked(
+        &s.sim,
+        bridge_config(&s.url),
+        vec![amqp, kafka],
+        Duration::from_secs(90),
+    )
+    .await
+    .unwrap();
+    assert!(s.sim.all_acked());
+    let check = |from: &str, e: &Value| {
+        let seq: usize = e["attributes"]["sequence"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut bazel = e["payload"]["event"]["buildEvent"]["bazelEvent"].clone();
+        bazel.as_object_mut().unwrap().remove("@type");
+        let mut diffs = Vec::new();
+        diff(&bazel, &json[seq], String::new(), &mut diffs);
+        assert!(diffs.is_empty(), "{from} #{seq}: {diffs:?}");
+        assert_eq!(e["name"], expected_name(&json[seq]), "{from} #{seq}");
+    };
+    let from_kafka = tokio::task::spawn_blocking({
+        let bootstrap = tansu.bootstrap();
+        move || common::brokers::consume(&bootstrap, &[topic], want, Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    assert_eq!(from_kafka.len(), want, "Kafka");
+    for r in &from_kafka {
+        check("Kafka", &r.value);
+    }
+    // The sinks' `names=bazel_*` left the lifecycle envelopes out.
+    let from_amqp = t.drain("#", want).await;
+    assert_eq!(from_amqp.len(), want, "RabbitMQ");
+    for (v, _) in &from_amqp {
+        check("RabbitMQ", v);
+    }
+    t.cleanup().await;
 }
