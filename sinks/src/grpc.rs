@@ -310,6 +310,36 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn an_envelope_above_max_message_size_is_refused_before_sending() {
+        // Nothing listens on port 9: the refusal comes before any call.
+        let sink = open(&Url::parse("grpc://127.0.0.1:9?max_message_size=1KiB").unwrap()).unwrap();
+        assert_eq!(sink.max_message_size, 1024);
+        let mut event = crate::test_envelope("big").event().clone();
+        event.payload = crate::Payload::trusted(format!("{{\"x\":\"{}\"}}", "y".repeat(2000)));
+        let env = Arc::new(Envelope::new(event));
+        let e = sink.send(&[env]).await.unwrap_err();
+        assert_eq!(e.at, 0);
+        assert!(!e.error.is_retryable(), "{}", e.error);
+        let text = e.error.to_string();
+        for part in [
+            "envelope big",
+            "above this sink's max_message_size of 1024 bytes",
+        ] {
+            assert!(text.contains(part), "{text}");
+        }
+        assert!(
+            open(&Url::parse("grpc://h:1?max_message_size=lots").unwrap())
+                .unwrap_err()
+                .to_string()
+                .contains("max_message_size")
+        );
+        // A receiver's own limit is permanent too, whatever its code.
+        let refused =
+            Status::resource_exhausted("Received message larger than max (5000 vs. 4194304)");
+        assert!(!classify(&refused).is_retryable());
+    }
+
     #[test]
     fn status_classes() {
         for c in [
