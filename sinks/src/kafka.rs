@@ -89,12 +89,14 @@ pub(crate) fn split(raw: &str) -> Result<Parts, String> {
     let rest = raw
         .strip_prefix("kafka://")
         .ok_or("expected kafka://HOST:PORT[,HOST:PORT...]/TOPIC")?;
-    let (main, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let (authority, path) = main.split_once('/').unwrap_or((main, ""));
-    let (userinfo, hosts) = match authority.rsplit_once('@') {
-        Some((u, h)) => (Some(u), h),
-        None => (None, authority),
+    // The userinfo ends at the last `@` a broker list follows, so a
+    // password typed with `/ ? # @` in it is neither split nor shown.
+    let (userinfo, rest) = match crate::options::userinfo_end(rest) {
+        Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+        None => (None, rest),
     };
+    let (main, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (hosts, path) = main.split_once('/').unwrap_or((main, ""));
     let credentials = match userinfo {
         None => None,
         Some(u) => {

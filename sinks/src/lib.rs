@@ -184,6 +184,44 @@ pub(crate) fn test_envelope(id: &str) -> Envelope {
 mod tests {
     use super::*;
 
+    /// Passwords typed without percent-encoding never appear in an error,
+    /// whatever else is wrong with the URL, for sinks and sources.
+    #[tokio::test]
+    async fn no_error_shows_a_password_with_url_characters_in_it() {
+        for c in ['/', '?', '#', '@', ':', '%', '&', '='] {
+            let pass = format!("hun{c}ter2");
+            let urls = [
+                format!("kafka://u:{pass}@b:9092/t?colour=red"),
+                format!("kafka://u:{pass}@b:notaport/t"),
+                format!("kafka://u:{pass}@/t"),
+                format!("kafka://{pass}@b:9092/t?acks=7"),
+                format!("amqp://u:{pass}@h:5672/v"),
+                format!("amqp://u:{pass}@h:5672/v?exchange=e&colour=red"),
+                format!("amqps://u:{pass}@h:99999/v?exchange=e"),
+                format!("grpc://u:{pass}@h"),
+                format!("stdout://u:{pass}@h"),
+                format!("fancy://u:{pass}@h/x"),
+                format!("kafka://u:{pass}@b:9092/t?names=a b"),
+            ];
+            for url in &urls {
+                if let Err(e) = open(url).await {
+                    let msg = e.to_string();
+                    assert!(
+                        !msg.contains("hunter2") && !msg.contains("ter2"),
+                        "{url}: {msg}"
+                    );
+                }
+                if let Err(e) = open_inbound(url).await {
+                    let msg = e.to_string();
+                    assert!(
+                        !msg.contains("hunter2") && !msg.contains("ter2"),
+                        "{url}: {msg}"
+                    );
+                }
+            }
+        }
+    }
+
     /// Every accepted and rejected URL form, and what the error must say.
     #[tokio::test]
     async fn url_table() {

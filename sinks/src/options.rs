@@ -21,49 +21,75 @@ const SECRET_WORDS: [&str; 7] = [
 ];
 
 /// The URL with its password and secret-looking query values replaced by
-/// `***`, for logs and errors. Works on text that is not a valid URL too.
+/// `***`, for logs and errors. Works on text that is not a valid URL too,
+/// and on passwords typed without percent-encoding (`/ ? # @ :` inside, as
+/// a base64 password or a `${VAR}` substitution gives): the userinfo is
+/// everything from `://` to the last `@` that a host follows, and a
+/// userinfo without a `:` (a token as the user) is hidden whole.
 pub fn redact(raw: &str) -> String {
-    let (base, query) = match raw.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (raw, None),
+    let Some(scheme_end) = raw.find("://").map(|i| i + 3) else {
+        return redact_query_of(raw);
     };
-    let mut out = redact_userinfo(base);
-    if let Some(q) = query {
-        let pairs = url::form_urlencoded::parse(q.as_bytes()).map(|(k, v)| {
-            let lower = k.to_ascii_lowercase();
-            let secret = SECRET_WORDS.iter().any(|w| lower.contains(w));
-            (
-                k.into_owned(),
-                if secret { "***".into() } else { v.into_owned() },
-            )
-        });
-        let encoded = url::form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(pairs)
-            .finish();
-        out.push('?');
-        out.push_str(&encoded);
-    }
+    let rest = &raw[scheme_end..];
+    let at = userinfo_end(rest);
+    let mut out = String::with_capacity(raw.len());
+    out.push_str(&raw[..scheme_end]);
+    let after = match at {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => {
+                    out.push_str(user);
+                    out.push_str(":***@");
+                }
+                None => out.push_str("***@"),
+            }
+            &rest[at + 1..]
+        }
+        None => rest,
+    };
+    out.push_str(&redact_query_of(after));
     out
 }
 
-fn redact_userinfo(raw: &str) -> String {
-    let Some(scheme_end) = raw.find("://") else {
-        return raw.to_string();
+/// Where the userinfo of `rest` (a URL after `://`) ends: the last `@`
+/// that a host list follows, or else (no host at all) the last `@`, so
+/// that whatever could be a password counts as one.
+pub(crate) fn userinfo_end(rest: &str) -> Option<usize> {
+    let ats = || rest.rmatch_indices('@').map(|(i, _)| i);
+    ats()
+        .find(|&i| looks_like_host(&rest[i + 1..]))
+        .or_else(|| ats().next())
+}
+
+/// Whether `text` starts with a host list (`h`, `h:1`, `b1:1,b2:2`,
+/// `[::1]:5672`) ending where a URL's authority ends.
+fn looks_like_host(text: &str) -> bool {
+    let end = text.find(['/', '?', '#']).unwrap_or(text.len());
+    let host = &text[..end];
+    !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._:,[]%".contains(c))
+}
+
+/// `text` with the values of secret-looking query options replaced.
+fn redact_query_of(text: &str) -> String {
+    let Some((base, query)) = text.split_once('?') else {
+        return text.to_string();
     };
-    let rest = &raw[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => match rest[..at].find(':') {
-            Some(colon) => format!(
-                "{}{}:***{}",
-                &raw[..scheme_end + 3],
-                &rest[..colon],
-                &rest[at..]
-            ),
-            None => raw.to_string(),
-        },
-        None => raw.to_string(),
-    }
+    let pairs = url::form_urlencoded::parse(query.as_bytes()).map(|(k, v)| {
+        let lower = k.to_ascii_lowercase();
+        let secret = SECRET_WORDS.iter().any(|w| lower.contains(w));
+        (
+            k.into_owned(),
+            if secret { "***".into() } else { v.into_owned() },
+        )
+    });
+    let encoded = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish();
+    format!("{base}?{encoded}")
 }
 
 /// A size in bytes: a whole number with an optional unit (`KiB`, `MiB`,
@@ -235,12 +261,52 @@ mod tests {
                 "kafka://u:***@b1:1,b2:2/t?rdkafka.ssl.key.password=***",
             ),
             ("bad://user:hunter2@[::1/x", "bad://user:***@[::1/x"),
+            // Passwords typed without percent-encoding.
+            (
+                "amqp://u:hunt/er2@h:5672/vh?exchange=e",
+                "amqp://u:***@h:5672/vh?exchange=e",
+            ),
+            ("amqp://u:hu?nter2@h/vh", "amqp://u:***@h/vh"),
+            ("amqp://u:hu#nter2@h/vh", "amqp://u:***@h/vh"),
+            ("amqp://u:hu@nt:er2@h/vh", "amqp://u:***@h/vh"),
+            (
+                "kafka://u:aHVudGVy/Mg+=@b1:9092,b2:9092/t",
+                "kafka://u:***@b1:9092,b2:9092/t",
+            ),
+            (
+                "amqps://u:p@ss/w?rd#x@[::1]:5671/v",
+                "amqps://u:***@[::1]:5671/v",
+            ),
+            // A token as the user is hidden whole.
+            ("kafka://hunter2@b:9092/t", "kafka://***@b:9092/t"),
+            (
+                "grpcs://hunter2@cluster.example.com",
+                "grpcs://***@cluster.example.com",
+            ),
         ];
         for (input, want) in cases {
             let got = redact(input);
             assert_eq!(got, want, "redact({input})");
         }
         assert!(!redact("amqp://u:hunter2@h/?x=1").contains("hunter2"));
+        // Every character a password may hold, in every position.
+        for c in ['/', '?', '#', '@', ':', '=', '+', '&', '%'] {
+            for pass in [
+                format!("{c}hunter2"),
+                format!("hun{c}ter2"),
+                format!("hunter2{c}"),
+            ] {
+                for url in [
+                    format!("amqp://u:{pass}@host:5672/vh?exchange=e"),
+                    format!("kafka://u:{pass}@b1:9092,b2:9092/topic?acks=all"),
+                    format!("grpcs://u:{pass}@cluster:443"),
+                ] {
+                    let shown = redact(&url);
+                    assert!(!shown.contains("hunter2"), "{url} -> {shown}");
+                    assert!(shown.contains("u:***@"), "{url} -> {shown}");
+                }
+            }
+        }
     }
 
     #[test]
