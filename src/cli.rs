@@ -231,17 +231,17 @@ struct BridgeArgs {
     #[arg(long, value_enum, default_value_t = Replay::StopAfterLastKnown)]
     replay: Replay,
     /// Envelopes not yet confirmed by every sink, at most (bounds memory).
-    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     max_in_flight: u64,
     /// Notifications handled at once, at most (bounds redelivery after a crash).
-    #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_notifications: u64,
     /// Largest gRPC message taken from the queue and the event store (e.g. 128MiB, 20MB, 1048576).
     /// Bazel events reach tens of MiB; a larger one fails its invocation with a clear error.
     #[arg(long, value_name = "SIZE", default_value = "128MiB", value_parser = evbridge_sinks::parse_size)]
     max_message_size: usize,
     /// Envelopes per sink call, at most.
-    #[arg(long, value_name = "N", default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_batch: u64,
     /// Batches in flight per sink (envelopes with the same key share a lane, in order).
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
@@ -307,7 +307,7 @@ struct SimArgs {
     #[arg(long, value_name = "K", default_value_t = 0)]
     drop_event_stream_every: usize,
     /// Override every reader's acknowledgement window (milliseconds).
-    #[arg(long, value_name = "MS")]
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
     ack_window_ms: Option<u64>,
     /// Unacknowledged notifications per reader, at most.
     #[arg(long, value_name = "N", default_value_t = 1000)]
@@ -480,11 +480,12 @@ fn bridge_config(args: &BridgeArgs, source: String) -> Result<BridgeConfig, Fail
         .map(|p| read_pem("--tls-ca", p, "CERTIFICATE"))
         .transpose()?;
     let seconds = |flag: &str, v: f64| {
-        if v.is_finite() && v >= 0.0 {
+        if (0.0..=evbridge_sinks::MAX_SECONDS).contains(&v) {
             Ok(Duration::from_secs_f64(v))
         } else {
             Err(Failure::usage(format!(
-                "{flag} must be a number of seconds ≥ 0"
+                "{flag} must be a number of seconds from 0 to {} (a year)",
+                evbridge_sinks::MAX_SECONDS
             )))
         }
     };

@@ -252,13 +252,78 @@ fn bad_input_is_one_line_and_exit_code_2() {
             "holds no PEM certificate",
         ),
         (&["--source", "grpc://h:1", "--bogus-flag"], "--bogus-flag"),
+        // Numbers that would overflow a duration, a semaphore or an
+        // allocation are refused with their range, never a panic.
+        (
+            &["--source", "grpc://h:1", "--shutdown-timeout", "1e300"],
+            "--shutdown-timeout must be a number of seconds from 0 to 31536000",
+        ),
+        (
+            &["--source", "grpc://h:1", "--stats-interval", "NaN"],
+            "--stats-interval must be a number of seconds",
+        ),
+        (
+            &["--source", "grpc://h:1", "--health-interval", "inf"],
+            "--health-interval must be",
+        ),
+        (
+            &[
+                "--source",
+                "grpc://h:1",
+                "--max-batch",
+                "18446744073709551615",
+            ],
+            "1..=1000000",
+        ),
+        (
+            &[
+                "--source",
+                "grpc://h:1",
+                "--max-in-flight",
+                "9223372036854775807",
+            ],
+            "1..=100000000",
+        ),
+        (
+            &["--source", "grpc://h:1", "--max-notifications", "0"],
+            "1..=1000000",
+        ),
+        (
+            &["--source", "grpc://h:1", "--max-message-size", "12 parsecs"],
+            "is not a size",
+        ),
+        (
+            &[
+                "--source",
+                "grpc://h:1",
+                "--sink",
+                "blackhole://?rate=1e-20",
+            ],
+            "from 0.001",
+        ),
+        (
+            &[
+                "--source",
+                "grpc://h:1",
+                "--sink",
+                "amqp://u:hunt/er2@h/v?exchange=e",
+            ],
+            "malformed",
+        ),
+        (
+            &["sim", "--ack-window-ms", "18446744073709551615"],
+            "1..=86400000",
+        ),
     ];
     for (args, want) in cases {
         let out = run(args, &[]);
         let err = String::from_utf8(out.stderr).unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(want), "{args:?}: `{err}` lacks `{want}`");
-        assert!(!err.contains("hunter2"), "{args:?}: secret leaked: {err}");
+        assert!(
+            !err.contains("hunter2") && !err.contains("er2"),
+            "{args:?}: secret leaked: {err}"
+        );
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }

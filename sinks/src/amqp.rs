@@ -151,15 +151,9 @@ pub fn open(url: &Url) -> Result<AmqpSink, OpenError> {
     // The RabbitMQ binding's `ce-`; the AMQP binding's `cloudEvents:` or
     // `cloudEvents_` can be asked for.
     let ce_prefix = ce_prefix.unwrap_or_else(|| "ce-".into());
-    let confirm_timeout: f64 = opts
-        .parse("confirm_timeout", "a number of seconds")?
-        .unwrap_or(30.0);
-    if !(confirm_timeout > 0.0 && confirm_timeout.is_finite()) {
-        return Err(fail(
-            &opts,
-            format!("option `confirm_timeout={confirm_timeout}` must be positive"),
-        ));
-    }
+    let confirm_timeout = opts
+        .seconds("confirm_timeout")?
+        .unwrap_or(Duration::from_secs(30));
     // RabbitMQ's own default since 4.0 (3.x: 128 MiB). Larger envelopes
     // are refused here, permanently and by name, instead of making the
     // broker close the channel on every retry.
@@ -179,7 +173,7 @@ pub fn open(url: &Url) -> Result<AmqpSink, OpenError> {
         mandatory,
         content_type,
         headers,
-        confirm_timeout: Duration::from_secs_f64(confirm_timeout),
+        confirm_timeout,
         cloudevents,
         ce_prefix,
         link: Mutex::new(None),
@@ -682,7 +676,7 @@ mod tests {
             ),
             (
                 "amqp://u:hunter2@h/v?exchange=e&confirm_timeout=0",
-                "must be positive",
+                "above 0",
             ),
         ];
         for (url, want) in bad {

@@ -80,6 +80,10 @@ impl Drop for Blackhole {
     }
 }
 
+/// The slowest and fastest `rate=` (envelopes per second).
+const MIN_RATE: f64 = 0.001;
+const MAX_RATE: f64 = 1e12;
+
 /// Parses `blackhole://[?interval=SECONDS&rate=PER_SECOND]` (also `none://`); must be
 /// called inside a tokio runtime when `interval` is set.
 pub fn open(url: &Url) -> Result<Blackhole, OpenError> {
@@ -90,24 +94,19 @@ pub fn open(url: &Url) -> Result<Blackhole, OpenError> {
             url.scheme()
         )));
     }
-    let interval: Option<f64> = opts.parse("interval", "a number of seconds")?;
-    if let Some(s) = interval.filter(|s| !(*s > 0.0 && s.is_finite())) {
-        return Err(opts.invalid(format!(
-            "option `interval={s}` must be a positive number of seconds"
-        )));
-    }
+    let interval = opts.seconds("interval")?;
     let rate: Option<f64> = opts.parse("rate", "envelopes per second")?;
-    if let Some(r) = rate.filter(|r| !(*r > 0.0 && r.is_finite())) {
+    if let Some(r) = rate.filter(|r| !(MIN_RATE..=MAX_RATE).contains(r)) {
         return Err(opts.invalid(format!(
-            "option `rate={r}` must be a positive number of envelopes per second"
+            "option `rate={r}` must be a number of envelopes per second from {MIN_RATE} to {MAX_RATE}"
         )));
     }
     let mut hole = Blackhole::new();
     hole.shown = opts.shown_url().to_string();
     hole.pace = rate.map(|r| 1.0 / r);
     opts.finish(&["interval", "rate"])?;
-    if let Some(s) = interval {
-        hole.report_every(Duration::from_secs_f64(s));
+    if let Some(every) = interval {
+        hole.report_every(every);
     }
     Ok(hole)
 }
@@ -124,7 +123,9 @@ impl Sink for Blackhole {
                 let mut free_at = self.free_at.lock().unwrap_or_else(|p| p.into_inner());
                 let now = tokio::time::Instant::now();
                 let start = free_at.filter(|t| *t > now).unwrap_or(now);
-                let done = start + Duration::from_secs_f64(pace * batch.len() as f64);
+                let wait = Duration::try_from_secs_f64(pace * batch.len() as f64)
+                    .unwrap_or(crate::MAX_DURATION);
+                let done = start + wait.min(crate::MAX_DURATION);
                 *free_at = Some(done);
                 done
             };

@@ -88,12 +88,7 @@ pub fn open(url: &Url) -> Result<GrpcSink, OpenError> {
         return Err(opts.invalid("option `window=0` must be at least 1"));
     }
     let ordered = opts.flag("ordered")?.unwrap_or(false);
-    let timeout: f64 = opts
-        .parse("timeout", "a number of seconds")?
-        .unwrap_or(30.0);
-    if !(timeout > 0.0 && timeout.is_finite()) {
-        return Err(opts.invalid(format!("option `timeout={timeout}` must be positive")));
-    }
+    let timeout = opts.seconds("timeout")?.unwrap_or(Duration::from_secs(30));
     // What gRPC servers take by default (tonic, grpc-java, grpc-python).
     let max_message_size = opts.size("max_message_size")?.unwrap_or(4 << 20);
     let tls = url.scheme() == "grpcs";
@@ -147,7 +142,7 @@ pub fn open(url: &Url) -> Result<GrpcSink, OpenError> {
         channel: endpoint.connect_lazy(),
         window,
         ordered,
-        timeout: Duration::from_secs_f64(timeout),
+        timeout,
         max_message_size,
         shown,
     })

@@ -63,7 +63,7 @@ pub use filter::NameFilter;
 #[cfg(feature = "grpc")]
 pub use grpc::{EngFlowRequest, EngFlowResponse};
 pub use inbound::{ACCEPTED_SOURCES, Ack, Delivery, Inbound, open_inbound};
-pub use options::{Options, parse_size, redact};
+pub use options::{MAX_DURATION, MAX_SECONDS, Options, parse_size, redact};
 pub use smol_str::SmolStr;
 pub use stdout::{Format, WriterSink};
 pub use template::{PLACEHOLDERS, Template};
@@ -251,7 +251,27 @@ mod tests {
                 "stdout://somehost",
                 Err(&["takes no host or path", "stdout://[?format"]),
             ),
-            ("blackhole://?interval=0", Err(&["interval=0", "positive"])),
+            ("blackhole://?interval=0", Err(&["interval=0", "above 0"])),
+            (
+                "blackhole://?interval=1e300",
+                Err(&["interval=1e300", "a year"]),
+            ),
+            (
+                "blackhole://?interval=NaN",
+                Err(&["interval=NaN", "a year"]),
+            ),
+            (
+                "blackhole://?rate=1e-20",
+                Err(&["rate=0.00000000000000000001", "from 0.001"]),
+            ),
+            ("blackhole://?rate=0.5", Ok("blackhole://?rate=0.5")),
+            #[cfg(feature = "amqp")]
+            (
+                "amqp://u:p@h/v?exchange=e&confirm_timeout=1e30",
+                Err(&["confirm_timeout", "a year"]),
+            ),
+            #[cfg(feature = "grpc")]
+            ("grpc://h:1?timeout=-1", Err(&["timeout=-1", "above 0"])),
             (
                 "blackhole://?interval=x",
                 Err(&["interval=x", "number of seconds"]),

@@ -121,6 +121,13 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("`{text}` is not a positive size (e.g. 128MiB, 20MB, 1048576)"))
 }
 
+/// The longest duration any option or flag may give, in seconds (a
+/// year): far beyond any sensible wait, far below an overflow.
+pub const MAX_SECONDS: f64 = 31_536_000.0;
+
+/// [`MAX_SECONDS`] as a duration.
+pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(31_536_000);
+
 /// The options of one sink URL, consumed as the sink reads them.
 #[derive(Debug)]
 pub struct Options {
@@ -164,6 +171,21 @@ impl Options {
                 let shown = if secret { "***" } else { v.as_str() };
                 self.invalid(format!("option `{key}={shown}` is not {expected}"))
             }),
+        }
+    }
+
+    /// Takes a duration in seconds: above 0 and at most [`MAX_SECONDS`],
+    /// so no later arithmetic on it can overflow.
+    pub fn seconds(&mut self, key: &str) -> Result<Option<std::time::Duration>, OpenError> {
+        match self.parse::<f64>(key, "a number of seconds")? {
+            None => Ok(None),
+            Some(s) if s > 0.0 && s <= MAX_SECONDS => {
+                Ok(Some(std::time::Duration::from_secs_f64(s)))
+            }
+            Some(s) => Err(self.invalid(format!(
+                "option `{key}={s}` must be a number of seconds above 0 and at most \
+                 {MAX_SECONDS} (a year)"
+            ))),
         }
     }
 

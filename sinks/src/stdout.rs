@@ -72,10 +72,12 @@ fn render(env: &Envelope, format: Format, buf: &mut Vec<u8>) {
         Format::Json => buf.extend_from_slice(env.json()),
         Format::Pretty => {
             // Re-parse so the payload is indented too (RawValue is copied
-            // verbatim by the pretty printer otherwise).
-            let value: serde_json::Value =
-                serde_json::from_slice(env.json()).expect("envelope JSON is valid");
-            serde_json::to_writer_pretty(&mut *buf, &value).expect("writing to a Vec");
+            // verbatim by the pretty printer otherwise). JSON nested deeper
+            // than serde_json's limit (128) is written compact instead.
+            let pretty = serde_json::from_slice::<serde_json::Value>(env.json())
+                .ok()
+                .and_then(|v| serde_json::to_vec_pretty(&v).ok());
+            buf.extend_from_slice(pretty.as_deref().unwrap_or(env.json()));
         }
     }
     buf.push(b'\n');
@@ -137,5 +139,17 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["id"], "a");
+    }
+
+    #[tokio::test]
+    async fn pretty_writes_json_nested_beyond_the_parsers_limit_compact() {
+        let deep = format!("{}1{}", "[".repeat(300), "]".repeat(300));
+        let mut event = crate::test_envelope("deep").event().clone();
+        event.payload = crate::Payload::trusted(deep.clone());
+        let env = Arc::new(Envelope::new(event));
+        let sink = WriterSink::new(Vec::new(), Format::Pretty);
+        sink.send(std::slice::from_ref(&env)).await.unwrap();
+        let out = sink.out.into_inner();
+        assert_eq!(out.strip_suffix(b"\n").unwrap(), env.json());
     }
 }
