@@ -193,12 +193,12 @@ async fn unconfirmed_deliveries_stay_queued_and_keep_their_ids() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_named_queue_and_a_name_filter() {
     let t = Topology::new(&[]).await;
-    // No queue=: the broker names an exclusive queue. Probe with one
-    // message until the bridge receives it, then send the rest.
+    // transient=true: the broker names an exclusive queue. Probe with
+    // one message until the bridge receives it, then send the rest.
     let (sink, buf) = capture();
     let (trigger, stop) = shutdown::channel();
     let run = tokio::spawn(bridge::run(
-        bridge_config(&source_url(&t, "&name=compute_state")),
+        bridge_config(&source_url(&t, "&transient=true&name=compute_state")),
         vec![sink],
         stop,
     ));
@@ -247,7 +247,7 @@ async fn refusals_are_clear_errors_at_start() {
     let t = Topology::new(&[]).await;
     // Wrong password: refused for good, and the password is never shown.
     let bad = broker_url().replace("guest:guest", "guest:hunter2");
-    let url = format!("{bad}?exchange={}", t.exchange);
+    let url = format!("{bad}?exchange={}&transient=true", t.exchange);
     let refused = |url: String| async move {
         let (_trigger, stop) = shutdown::channel();
         tokio::time::timeout(
@@ -265,7 +265,7 @@ async fn refusals_are_clear_errors_at_start() {
 
     // A missing exchange is named, with the hint.
     let err = refused(format!(
-        "{}?exchange=evb-missing-{}",
+        "{}?exchange=evb-missing-{}&transient=true",
         broker_url(),
         unique("x")
     ))

@@ -36,6 +36,7 @@ const ACCEPTED: &[&str] = &[
     "exchange",
     "binding_key",
     "queue",
+    "transient",
     "prefetch",
     "exchange_type",
     "declare",
@@ -108,6 +109,32 @@ pub fn open(url: &Url) -> Result<AmqpIn, OpenError> {
             ),
         ));
     }
+    // Without a named queue the broker names an exclusive, auto-deleted
+    // one, and deletes it, with every message delivered but not yet
+    // confirmed and every message waiting, when the connection drops:
+    // at least once would not hold across a reconnect. So it is only
+    // taken when asked for by name.
+    let transient = opts.flag("transient")?.unwrap_or(false);
+    match (&queue, transient) {
+        (None, false) => {
+            return Err(fail(
+                &opts,
+                "option `queue=NAME` is required: a named queue is durable and keeps what \
+                 was delivered but not yet confirmed across reconnects and restarts; \
+                 `transient=true` takes a server-named exclusive queue instead (what \
+                 restricted users may create), which RabbitMQ deletes with its messages \
+                 when the connection drops"
+                    .into(),
+            ));
+        }
+        (Some(q), true) => {
+            return Err(fail(
+                &opts,
+                format!("options `queue={q}` and `transient=true` contradict each other"),
+            ));
+        }
+        _ => {}
+    }
     let prefetch: u16 = opts
         .parse("prefetch", "a whole number from 1 to 65535")?
         .unwrap_or(512);
@@ -124,6 +151,13 @@ pub fn open(url: &Url) -> Result<AmqpIn, OpenError> {
     let shown = opts.shown_url().to_string();
     let accepted: Vec<&str> = ACCEPTED.iter().chain(LAPIN_OPTIONS).copied().collect();
     opts.finish(&accepted)?;
+    if transient {
+        tracing::warn!(
+            source = %shown,
+            "transient=true: the server-named queue and what it holds are deleted when the \
+             connection drops; messages delivered but not yet confirmed then are lost"
+        );
+    }
     Ok(AmqpIn {
         endpoint: link,
         exchange,
@@ -407,7 +441,7 @@ mod tests {
 
     #[test]
     fn url_forms() {
-        let s = parse("amqp://u:hunter2@h:5672/ci?exchange=experiments").unwrap();
+        let s = parse("amqp://u:hunter2@h:5672/ci?exchange=experiments&transient=true").unwrap();
         assert_eq!(s.binding_keys, ["#"]);
         assert_eq!(s.queue, None);
         assert_eq!(s.prefetch, 512);
@@ -421,11 +455,31 @@ mod tests {
 
         for (url, want) in [
             ("amqp://u:hunter2@h/v", "option `exchange` is required"),
-            ("amqp://u:hunter2@h/v?exchange=e&prefetch=0", "prefetch=0"),
-            ("amqp://u:hunter2@h/v?exchange=e&prefetch=-1", "prefetch=-1"),
+            // A server-named queue only when asked for: it loses messages
+            // on a reconnect.
+            (
+                "amqp://u:hunter2@h/v?exchange=e",
+                "option `queue=NAME` is required",
+            ),
+            (
+                "amqp://u:hunter2@h/v?exchange=e&transient=false",
+                "transient=true",
+            ),
+            (
+                "amqp://u:hunter2@h/v?exchange=e&queue=q&transient=true",
+                "contradict",
+            ),
+            (
+                "amqp://u:hunter2@h/v?exchange=e&queue=q&prefetch=0",
+                "prefetch=0",
+            ),
+            (
+                "amqp://u:hunter2@h/v?exchange=e&queue=q&prefetch=-1",
+                "prefetch=-1",
+            ),
             ("amqp://u:hunter2@h/v?exchange=e&queue=amq.x", "amq."),
             (
-                "amqp://u:hunter2@h/v?exchange=e&routing_key=x",
+                "amqp://u:hunter2@h/v?exchange=e&queue=q&routing_key=x",
                 "unknown option `routing_key`",
             ),
         ] {
