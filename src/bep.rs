@@ -32,6 +32,13 @@ pub fn name(ev: &bep::BuildEvent) -> &'static str {
     ev.payload.as_ref().map_or(UNNAMED, payload_name)
 }
 
+/// Whether `ev` holds an `Any` (only `ActionExecuted.strategy_details`
+/// can): prost keeps an `Any`'s bytes as they came, so a re-encoded
+/// length that matches says nothing about what is inside one.
+pub fn holds_any(ev: &bep::BuildEvent) -> bool {
+    matches!(&ev.payload, Some(bep::build_event::Payload::Action(a)) if !a.strategy_details.is_empty())
+}
+
 /// A test's status by name, for test results and summaries: what a
 /// flaky-test tracker routes on.
 pub fn test_status(ev: &bep::BuildEvent) -> Option<&'static str> {

@@ -548,7 +548,15 @@ async fn run_bridge(args: BridgeArgs) -> Result<(), Failure> {
     }
     let sinks = open_sinks(&urls).await?;
     if let Some(url) = &args.dead_letter {
-        cfg.dead_letter = Some(open_sinks(std::slice::from_ref(url)).await?.remove(0));
+        let sink = open_sinks(std::slice::from_ref(url)).await?.remove(0);
+        if sink.filters() {
+            return Err(Failure::usage(format!(
+                "--dead-letter `{}` takes no names= filter: a rejected envelope it skipped \
+                 would be stored nowhere",
+                sink.describe()
+            )));
+        }
+        cfg.dead_letter = Some(sink);
     }
     if args.check {
         return check(&cfg, &sinks).await;

@@ -290,6 +290,18 @@ impl JsonWriter {
         self.problems.push(problem);
     }
 
+    /// An `Any` already decoded by the caller, written as [`Self::any`]
+    /// writes a known one (`@type` first, one level deeper).
+    pub fn decoded_any(&mut self, type_url: &str, msg: &dyn ProtoJson) {
+        self.depth += 1;
+        self.begin_object();
+        self.key("@type");
+        self.str(type_url);
+        msg.write_members(self);
+        self.end_object();
+        self.depth -= 1;
+    }
+
     /// The members of an `evbridge.v1.RawAny`.
     pub fn raw_any_members(&mut self, type_url: &str, value: &[u8], error: &str) {
         if !type_url.is_empty() {

@@ -545,7 +545,9 @@ impl Normalizer {
             _ => None,
         };
         let bazel_clean = match (&bazel, bazel_bytes) {
-            (Some((_, decoded)), Some((_, bytes))) => decoded.encoded_len() == bytes.len(),
+            (Some((_, decoded)), Some((_, bytes))) => {
+                decoded.encoded_len() == bytes.len() && !bep::holds_any(decoded)
+            }
             _ => true,
         };
         let (original, unknown) = match (raw, bazel_bytes) {
@@ -730,7 +732,14 @@ impl Normalizer {
             assert_eq!(generic, out[start..], "cached stream members differ");
         }
         if let (Some((type_url, bytes)), false) = (original, unknown.is_empty()) {
-            write_original(&mut out, type_url, bytes, &unknown);
+            // Without its continuation token, which is transport state (a
+            // redelivery has another): the same id, the same content.
+            let bytes = if type_url == STREAMED_TYPE_URL {
+                std::borrow::Cow::Owned(unknown::without_field(bytes, CONTINUATION_TOKEN_FIELD))
+            } else {
+                std::borrow::Cow::Borrowed(bytes)
+            };
+            write_original(&mut out, type_url, &bytes, &unknown);
         }
         let end = out.len();
         out.push('}');
@@ -772,6 +781,9 @@ static LIFECYCLE_ROOT: unknown::Root =
 static STREAMED_ROOT: unknown::Root =
     unknown::Root::new("engflow.eventstore.v1.StreamedBuildEvent");
 static BAZEL_ROOT: unknown::Root = unknown::Root::new("build_event_stream.BuildEvent");
+
+/// `StreamedBuildEvent.continuation_token`.
+const CONTINUATION_TOKEN_FIELD: u32 = 2;
 
 /// Type URL of what the event store streams, as carried in `original`.
 const STREAMED_TYPE_URL: &str = "type.googleapis.com/engflow.eventstore.v1.StreamedBuildEvent";
@@ -931,11 +943,7 @@ fn write_streamed_event(
                     w.timestamp(t);
                 }
                 w.key("bazelEvent");
-                w.begin_object();
-                w.key("@type");
-                w.str(type_url);
-                decoded.write_members(&mut w);
-                w.end_object();
+                w.decoded_any(type_url, decoded);
                 w.end_object();
             }
             None => b.write_json(&mut w),

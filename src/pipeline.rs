@@ -690,7 +690,14 @@ async fn worker(
             };
             let copy = dead_letter_copy(envelope, sink, &error);
             let mut outcome = None;
-            deliver(dl, &[copy], &mut dl_backoff, &stats, |_, o| outcome = o).await;
+            if dl.sink.accepts(&copy) {
+                deliver(dl, &[copy], &mut dl_backoff, &stats, |_, o| outcome = o).await;
+            } else {
+                // Skipped by a filter is not stored: still rejected.
+                outcome = Some(SinkError::Permanent(
+                    "the dead-letter sink's names= filter does not take it".into(),
+                ));
+            }
             match outcome {
                 None => {
                     stats.dead_lettered.fetch_add(1, Ordering::Relaxed);

@@ -218,6 +218,23 @@ fn any(mut buf: &[u8], depth: usize, found: &mut Vec<UnknownField>) -> Result<()
     Ok(())
 }
 
+/// `bytes` (an encoded message) without its top-level field `number`,
+/// everything else as it was; bytes that do not parse are kept whole.
+pub fn without_field(bytes: &[u8], number: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut buf = bytes;
+    while !buf.is_empty() {
+        let before = buf;
+        let Ok((n, _)) = next(&mut buf) else {
+            return bytes.to_vec();
+        };
+        if n != number {
+            out.extend_from_slice(&before[..before.len() - buf.len()]);
+        }
+    }
+    out
+}
+
 /// Message types already warned about, so each is warned about once.
 static WARNED: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
 
@@ -278,6 +295,46 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_only_any_in_bazels_schema_is_the_one_normalization_checks() {
+        // `bep::holds_any` knows of ActionExecuted.strategy_details alone;
+        // a schema update adding another must extend it.
+        let bazel = [
+            "build_event_stream.",
+            "command_line.",
+            "failure_details.",
+            "options.",
+            "blaze.",
+            "devtools.",
+        ];
+        let anys: Vec<String> = MESSAGES
+            .iter()
+            .filter(|m| bazel.iter().any(|p| m.name.starts_with(p)))
+            .flat_map(|m| {
+                m.fields
+                    .iter()
+                    .filter(|(_, f)| matches!(f, Field::Any))
+                    .map(move |(n, _)| format!("{}#{n}", m.name))
+            })
+            .collect();
+        assert_eq!(anys, ["build_event_stream.ActionExecuted#14"]);
+    }
+
+    #[test]
+    fn a_field_is_taken_out_and_the_rest_kept() {
+        // 1: varint 1; 2: "ab"; 3: varint 150; 2 again.
+        let bytes = [
+            0x08, 0x01, 0x12, 0x02, b'a', b'b', 0x18, 0x96, 0x01, 0x12, 0x00,
+        ];
+        assert_eq!(without_field(&bytes, 2), [0x08, 0x01, 0x18, 0x96, 0x01]);
+        assert_eq!(without_field(&bytes, 9), bytes);
+        assert_eq!(
+            without_field(&[0x12, 0x05], 1),
+            [0x12, 0x05],
+            "malformed: kept whole"
+        );
     }
 
     #[test]

@@ -314,6 +314,15 @@ fn bad_input_is_one_line_and_exit_code_2() {
             &["sim", "--ack-window-ms", "18446744073709551615"],
             "1..=86400000",
         ),
+        (
+            &[
+                "--source",
+                "grpc://h:1",
+                "--dead-letter",
+                "stdout://?names=bazel_*",
+            ],
+            "--dead-letter `stdout://?names=bazel_*` takes no names= filter",
+        ),
     ];
     for (args, want) in cases {
         let out = run(args, &[]);

@@ -286,3 +286,31 @@ async fn grpcs_with_a_private_ca_and_a_client_certificate() {
     assert_eq!(receiver.got.lock().unwrap()[0].id, env.id);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_above_the_receivers_4_mib_limit_is_permanent_not_retried() {
+    // A receiver with gRPC's default 4 MiB limit, and a 5 MiB envelope.
+    let receiver = Arc::new(Receiver::default());
+    let url = serve(receiver.clone()).await;
+    let mut event = evbridge::sim_gen::sample_envelopes(1)[0].event().clone();
+    event.payload =
+        evbridge::sinks::Payload::trusted(format!("{{\"stdout\":\"{}\"}}", "x".repeat(5 << 20)));
+    let big = Arc::new(evbridge::sinks::Envelope::new(event));
+
+    // By default the sink refuses it itself, before any call.
+    let sink = evbridge::sinks::open(&url).await.unwrap();
+    let e = sink.send(std::slice::from_ref(&big)).await.unwrap_err();
+    assert!(!e.error.is_retryable(), "{}", e.error);
+    assert!(e.error.to_string().contains("4194304"), "{}", e.error);
+    assert_eq!(receiver.calls.load(Ordering::SeqCst), 0);
+
+    // Told the receiver takes more, it sends; the receiver's refusal is
+    // permanent too (the pipeline would dead-letter it, not retry).
+    let sink = evbridge::sinks::open(&format!("{url}?max_message_size=64MiB"))
+        .await
+        .unwrap();
+    let e = sink.send(std::slice::from_ref(&big)).await.unwrap_err();
+    assert!(!e.error.is_retryable(), "{}", e.error);
+    assert!(e.error.to_string().contains("size limit"), "{}", e.error);
+    assert!(receiver.got.lock().unwrap().is_empty());
+}

@@ -384,3 +384,29 @@ async fn a_dead_letter_sink_takes_rejections_with_the_reason() {
     }));
     assert_all_present(&s.sim, &all);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_sink_whose_filter_skips_a_rejection_does_not_take_it() {
+    // A dead letter a names= filter skips would be stored nowhere: it stays
+    // rejected, and its notification unacknowledged.
+    let s = start_sim(sim_config(3, 2)).await;
+    let (inner, _out) = capture();
+    let sink = Arc::new(Faulty {
+        inner,
+        fail_first: 0,
+        reject_name: Some("build_started"),
+        calls: AtomicUsize::new(0),
+    });
+    let dead = evbridge::sinks::open("blackhole://?names=bazel_*")
+        .await
+        .unwrap();
+    let mut cfg = bridge_config(&s.url);
+    cfg.dead_letter = Some(dead);
+    let summary = run_until_acked(&s.sim, cfg, vec![sink], Duration::from_secs(3))
+        .await
+        .unwrap();
+    let report = s.sim.report();
+    assert_eq!(summary.dead_lettered, 0, "{summary:?}");
+    assert_eq!(summary.rejected as usize, report.builds, "{summary:?}");
+    assert_eq!(report.queue.acked, report.notifications - report.builds);
+}

@@ -354,17 +354,33 @@ async fn open_channel(conn: &Connection) -> Result<Channel, SinkError> {
 /// lapin errors carry the broker's reply text but never the URI, so they
 /// are safe to show.
 pub(crate) fn retryable(what: &str, e: impl std::fmt::Display) -> SinkError {
-    let text = format!("{what}: {e}");
-    // RabbitMQ closes the channel on a message above its max_message_size
-    // ("message size N is larger than configured max size M"): sending it
-    // again can never work.
-    if text.contains("larger than configured max size") {
-        SinkError::Permanent(format!(
-            "{text} (the broker's max_message_size; lower this sink's max_message_size to \
-             refuse such envelopes before publishing)"
-        ))
-    } else {
-        SinkError::Retryable(text)
+    SinkError::Retryable(format!("{what}: {e}"))
+}
+
+/// The broker's `max_message_size` when `e` says it closed the channel
+/// over a message above it ("message size N is larger than configured max
+/// size M"). Every confirm pending on that channel fails with the same
+/// words, so only envelopes above M are the ones it refused.
+fn broker_size_limit(e: &impl std::fmt::Display) -> Option<usize> {
+    let text = e.to_string();
+    let (_, after) = text.split_once("larger than configured max size ")?;
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// What a publish or confirm error means for an envelope of `size` bytes.
+fn classify_publish(what: &str, e: lapin::Error, id: &str, size: usize) -> SinkError {
+    match broker_size_limit(&e) {
+        Some(limit) if size > limit => SinkError::Permanent(format!(
+            "envelope {id} is {size} bytes, above the broker's max_message_size of {limit} \
+             bytes (set this sink's max_message_size to it to refuse such envelopes before \
+             publishing): {what}: {e}"
+        )),
+        Some(limit) => SinkError::Retryable(format!(
+            "{what}: the broker closed the channel over another envelope above its \
+             max_message_size of {limit} bytes"
+        )),
+        None => retryable(what, e),
     }
 }
 
@@ -520,9 +536,9 @@ impl Sink for AmqpSink {
                 )
                 .await
             {
-                Ok(confirm) => confirms.push((confirm, key)),
+                Ok(confirm) => confirms.push((confirm, key, body.len())),
                 Err(e) => {
-                    publish_error = Some(retryable("publishing", e));
+                    publish_error = Some(classify_publish("publishing", e, &env.id, body.len()));
                     break;
                 }
             }
@@ -533,7 +549,7 @@ impl Sink for AmqpSink {
         let mut outcomes: Vec<Option<Option<SinkError>>> = vec![None; published];
         let mut returned = Vec::new();
         let waiting = async {
-            for (i, (confirm, key)) in confirms.iter_mut().enumerate() {
+            for (i, (confirm, key, size)) in confirms.iter_mut().enumerate() {
                 outcomes[i] = Some(match confirm.await {
                     Ok(Confirmation::Ack(r)) => {
                         returned.extend(r);
@@ -546,7 +562,12 @@ impl Sink for AmqpSink {
                             "the broker nacked the message (routing key `{key}`)"
                         )))
                     }
-                    Err(e) => Some(retryable("waiting for the publisher confirm", e)),
+                    Err(e) => Some(classify_publish(
+                        "waiting for the publisher confirm",
+                        e,
+                        &batch[i].id,
+                        *size,
+                    )),
                 });
             }
         };
@@ -626,6 +647,13 @@ mod tests {
 
     fn parse(raw: &str) -> Result<AmqpSink, OpenError> {
         open(&Url::parse(raw).unwrap())
+    }
+
+    #[test]
+    fn only_envelopes_above_the_brokers_limit_are_refused_for_it() {
+        let closed = "PRECONDITION_FAILED - message size 20971600 is larger than configured max size 16777216";
+        assert_eq!(broker_size_limit(&closed), Some(16_777_216));
+        assert_eq!(broker_size_limit(&"connection reset"), None);
     }
 
     #[test]

@@ -124,9 +124,15 @@ impl Sink for Filtered {
 
 /// Takes `names=` out of a sink URL: the URL without it, and the filter.
 pub(crate) fn split(raw: &str) -> Result<(String, Option<(NameFilter, String)>), OpenError> {
-    let Some((base, query)) = raw.split_once('?') else {
+    // The query starts after the userinfo, which may hold a `?`.
+    let host_at = raw.find("://").map_or(0, |i| {
+        let rest = &raw[i + 3..];
+        i + 3 + crate::options::userinfo_end(rest).map_or(0, |at| at + 1)
+    });
+    let Some(q) = raw[host_at..].find('?') else {
         return Ok((raw.to_string(), None));
     };
+    let (base, query) = (&raw[..host_at + q], &raw[host_at + q + 1..]);
     let mut names = None;
     let mut rest = url::form_urlencoded::Serializer::new(String::new());
     let mut kept = 0;
@@ -198,6 +204,13 @@ mod tests {
         assert!(f.matches("a") && f.matches("bee") && !f.matches("c"));
         assert_eq!(shown, "a,b*");
         assert_eq!(split("stdout://?names=x").unwrap().0, "stdout://");
+        // A `?` in a password is not the query.
+        let (url, f) = split("kafka://u:hun?ter2@b:9092/t?acks=all&names=a").unwrap();
+        assert_eq!(url, "kafka://u:hun?ter2@b:9092/t?acks=all");
+        assert!(f.is_some());
+        let (url, f) = split("amqp://u:hun?ter2@h:5672/v?names=a").unwrap();
+        assert_eq!(url, "amqp://u:hun?ter2@h:5672/v");
+        assert!(f.is_some());
         assert!(split("stdout://?format=json").unwrap().1.is_none());
         let e = split("amqp://u:hunter2@h/?names=a&names=b")
             .unwrap_err()

@@ -202,6 +202,8 @@ mod tests {
                 format!("stdout://u:{pass}@h"),
                 format!("fancy://u:{pass}@h/x"),
                 format!("kafka://u:{pass}@b:9092/t?names=a b"),
+                format!("kafka://u:{pass}@b:notaport/t?acks=all&names=a"),
+                format!("amqp://u:{pass}@h:5672/v?exchange=e&names=a&colour=red"),
             ];
             for url in &urls {
                 if let Err(e) = open(url).await {
