@@ -405,9 +405,9 @@ impl Normalizer {
         let build_id = SmolStr::from(l.build_id);
         // Added in name order, so each is appended.
         let mut attributes = Attributes::with_capacity(5);
-        attributes.insert(SmolStr::new_static("build_id"), build_id.clone());
+        attributes.push_in_order(SmolStr::new_static("build_id"), build_id.clone());
         if let Some(cmd) = &keywords.command_name {
-            attributes.insert(SmolStr::new_static("command_name"), cmd.clone());
+            attributes.push_in_order(SmolStr::new_static("command_name"), cmd.clone());
         }
         if let Some(inv) = invocation_id {
             let shared = if key == inv.as_str() {
@@ -415,18 +415,18 @@ impl Normalizer {
             } else {
                 inv.as_str().into()
             };
-            attributes.insert(SmolStr::new_static("invocation_id"), shared);
+            attributes.push_in_order(SmolStr::new_static("invocation_id"), shared);
         }
         let (attribute, notification) = notification_id();
-        attributes.insert(attribute, notification);
+        attributes.push_in_order(attribute, notification);
         if let Some(user) = l.auth_context.as_ref().and_then(|a| a.user.as_ref()) {
-            attributes.insert(
+            attributes.push_in_order(
                 SmolStr::new_static("principal"),
                 user.principal.as_str().into(),
             );
         }
         if !unknown.is_empty() {
-            attributes.insert(
+            attributes.push_in_order(
                 SmolStr::new_static("unknown_fields"),
                 unknown_list(&unknown).into(),
             );

@@ -36,6 +36,15 @@ pub struct SimConfig {
     pub drop_stream_every: usize,
     /// End each GetInvocation stream with UNAVAILABLE after K events.
     pub drop_event_stream_every: usize,
+    /// End each GetInvocation stream cleanly (no error, no `is_last`)
+    /// after K events: a store returning a prefix.
+    pub end_event_stream_every: usize,
+    /// Serve events without continuation tokens.
+    pub omit_continuation_tokens: bool,
+    /// With `drop_event_stream_every`: drop at most this many event
+    /// streams in all (0 = no limit), so a store without tokens, replayed
+    /// from the start each time, can still finish.
+    pub drop_event_stream_limit: usize,
     /// Cap on unacknowledged notifications per reader.
     pub max_unacked_per_reader: usize,
     /// Notifications released per second; 0 releases all at start.
@@ -62,6 +71,9 @@ impl Default for SimConfig {
             token: None,
             drop_stream_every: 0,
             drop_event_stream_every: 0,
+            end_event_stream_every: 0,
+            omit_continuation_tokens: false,
+            drop_event_stream_limit: 0,
             max_unacked_per_reader: 1000,
             rate: 0.0,
             hold: false,
@@ -549,8 +561,17 @@ impl Service {
                 notified.as_mut().enable();
                 let (upto, complete) = stored(&sim);
                 while from < upto {
+                    let end = sim.cfg.end_event_stream_every;
+                    if end > 0 && sent_here >= end {
+                        // Closed cleanly: the client sees the end of the
+                        // stream, without an error and without `is_last`.
+                        return;
+                    }
                     let every = sim.cfg.drop_event_stream_every;
-                    if every > 0 && sent_here >= every {
+                    let limit = sim.cfg.drop_event_stream_limit;
+                    let dropped = sim.counters.event_streams_dropped.load(Ordering::Relaxed);
+                    if every > 0 && sent_here >= every && (limit == 0 || (dropped as usize) < limit)
+                    {
                         sim.counters
                             .event_streams_dropped
                             .fetch_add(1, Ordering::Relaxed);
@@ -563,6 +584,7 @@ impl Service {
                         event: events(&sim)[from].clone(),
                         owner: owner.clone(),
                         index: from,
+                        token: !sim.cfg.omit_continuation_tokens,
                     };
                     if tx.send(Ok(ev)).await.is_err() {
                         return;

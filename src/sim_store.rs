@@ -33,12 +33,18 @@ pub(crate) struct StoredEvent {
     pub owner: Arc<str>,
     /// Index of the event in that stream.
     pub index: usize,
+    /// Whether to add the continuation token.
+    pub token: bool,
 }
 
 impl StoredEvent {
     /// The message: the stored bytes, then the token (fields may come in
     /// any order), as [`continuation`] spells it.
     fn write(&self, dst: &mut impl BufMut) {
+        if !self.token {
+            dst.put_slice(&self.event);
+            return;
+        }
         let mut digits = itoa::Buffer::new();
         let digits = digits.format(self.index);
         let len = "ct.".len() + self.owner.len() + 1 + digits.len();
@@ -220,6 +226,7 @@ mod tests {
                 event: encode_all(std::slice::from_ref(&event)).remove(0),
                 owner: Arc::from(owner),
                 index,
+                token: true,
             };
             let mut frame = bytes::BytesMut::new();
             stored.write(&mut frame);

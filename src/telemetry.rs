@@ -34,6 +34,9 @@ pub const EVENTS: &str = "evbridge_build_events_received_total";
 pub const RECONNECTS: &str = "evbridge_source_reconnects_total";
 /// Event-store streams resumed after an interruption.
 pub const RESUMES: &str = "evbridge_event_stream_resumes_total";
+/// Invocations taken as the store had them after their event stream kept
+/// ending without its last event.
+pub const INCOMPLETE: &str = "evbridge_invocations_incomplete_total";
 /// Pull streams open now.
 pub const SOURCE_UP: &str = "evbridge_source_up";
 /// Notifications being handled now.
@@ -116,6 +119,10 @@ fn describe() {
         "Event-store streams resumed after an interruption."
     );
     describe_gauge!(SOURCE_UP, "Pull streams open now.");
+    describe_counter!(
+        INCOMPLETE,
+        "Invocations taken as stored after their event stream kept ending without its last event."
+    );
     describe_gauge!(
         IN_PROGRESS,
         "Notifications received and not yet acknowledged."

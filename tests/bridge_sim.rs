@@ -398,3 +398,81 @@ async fn until_complete_follows_a_running_invocation() {
     assert!(s.sim.all_acked());
     assert_complete(&s.sim, &out.lines());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_without_continuation_tokens_replays_with_the_same_ids_and_sequences() {
+    // No tokens and streams broken after 4 events (8 times): each resume replays
+    // from the start, so the repeats must get the ids and sequence
+    // numbers they had, never new ones past the end.
+    let mut cfg = sim_config(4, 9);
+    cfg.omit_continuation_tokens = true;
+    cfg.drop_event_stream_every = 4;
+    cfg.drop_event_stream_limit = 8;
+    let s = start_sim(cfg).await;
+    let (sink, out) = capture();
+    run_until_acked(&s.sim, bridge_config(&s.url), vec![sink], LONG)
+        .await
+        .unwrap();
+    assert!(s.sim.all_acked(), "{:?}", s.sim.report());
+    assert!(s.sim.report().event_streams_dropped > 0);
+    let envelopes = out.envelopes();
+    assert_complete(&s.sim, &out.lines());
+    let mut by_id = std::collections::HashMap::new();
+    for e in envelopes.iter().filter(|e| e["topic"] == "build-events") {
+        let seq: u64 = e["attributes"]["sequence"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(seq < 9, "sequence {seq} past the invocation's 9 events");
+        let prev = by_id.insert(e["id"].as_str().unwrap().to_string(), seq);
+        assert!(prev.is_none_or(|p| p == seq), "one id, two sequences");
+    }
+    assert_eq!(by_id.len(), s.sim.report().invocation_events);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_ends_without_its_last_event_is_resumed_not_taken_as_complete() {
+    // The store ends every stream cleanly after 4 events, without
+    // `is_last`: taking that as the end would lose each invocation's tail.
+    let mut cfg = sim_config(4, 11);
+    cfg.end_event_stream_every = 4;
+    let s = start_sim(cfg).await;
+    let (sink, out) = capture();
+    run_until_acked(&s.sim, bridge_config(&s.url), vec![sink], LONG)
+        .await
+        .unwrap();
+    assert!(s.sim.all_acked(), "{:?}", s.sim.report());
+    assert_complete(&s.sim, &out.lines());
+    for (inv, seqs) in sequences(&out.envelopes()) {
+        assert_eq!(seqs, (0..11).collect::<Vec<u64>>(), "{inv}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_never_marks_the_last_event_is_taken_at_its_word_after_a_few_tries() {
+    let mut world = evbridge::sim_gen::generate(&evbridge::sim_gen::GenConfig {
+        builds: 3,
+        events_per_invocation: 5,
+        ..Default::default()
+    });
+    for inv in &mut world.invocations {
+        for ev in &mut inv.events {
+            ev.is_last = false;
+        }
+    }
+    let s = start_sim_with(evbridge::sim::Sim::with_world(sim_config(3, 5), world)).await;
+    let (sink, out) = capture();
+    run_until_acked(&s.sim, bridge_config(&s.url), vec![sink], LONG)
+        .await
+        .unwrap();
+    let report = s.sim.report();
+    assert!(s.sim.all_acked(), "{report:?}");
+    assert_complete(&s.sim, &out.lines());
+    // The first call, then one per end without anything new.
+    assert_eq!(
+        report.event_calls as usize,
+        4 * report.invocations,
+        "{report:?}"
+    );
+}
