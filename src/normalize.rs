@@ -820,6 +820,46 @@ fn write_original(out: &mut String, type_url: &str, bytes: &[u8], unknown: &[Unk
     *out = w.finish().0;
 }
 
+impl Normalizer {
+    /// The envelope of the `seq`-th event of `inv` when its bytes do not
+    /// decode: `raw_build_event`, the bytes in base64 with the reason, so
+    /// it is delivered (and the stream goes on) rather than lost or
+    /// fetched again forever.
+    pub fn raw_build_event(
+        &self,
+        inv: &Invocation,
+        seq: u64,
+        raw: &[u8],
+        reason: &str,
+    ) -> Envelope {
+        let mut attributes = Attributes::with_capacity(5);
+        attributes.push_in_order(SmolStr::new_static("build_id"), inv.build_id.clone());
+        attributes.push_in_order(
+            SmolStr::new_static("invocation_id"),
+            inv.invocation_id.clone(),
+        );
+        attributes.push_in_order(
+            SmolStr::new_static("notification_id"),
+            inv.notification_id.clone(),
+        );
+        attributes.push_in_order(
+            SmolStr::new_static("sequence"),
+            SmolStr::new(itoa::Buffer::new().format(seq)),
+        );
+        Envelope::new(Event {
+            id: build_event_id(&inv.invocation_id, seq),
+            name: SmolStr::new_static("raw_build_event"),
+            namespace: inv.namespace.clone(),
+            timestamp: inv.timestamp.clone(),
+            version: Envelope::VERSION,
+            topic: self.build_events_topic.clone(),
+            key: inv.invocation_id.clone(),
+            attributes,
+            payload: raw_any_json(STREAMED_TYPE_URL, raw, reason),
+        })
+    }
+}
+
 /// A Bazel event inside a Build Event Service event, decoded, with its
 /// type URL; `None` when it is something else or does not decode (the
 /// JSON writer then leaves it raw, with the reason).

@@ -783,7 +783,24 @@ impl Source {
                     let mut stream = resp;
                     loop {
                         match stream.message().await {
-                            Ok(Some(RawStreamed { event: ev, raw })) => {
+                            Ok(Some(RawStreamed {
+                                event: Err(reason),
+                                raw,
+                            })) => {
+                                // Delivered raw; its token (inside the bytes)
+                                // is lost, so a resume replays from the one
+                                // before, with the same ids.
+                                self.stats.events.fetch_add(1, Ordering::Relaxed);
+                                self.meters.events.increment(1);
+                                warn!(notification = %inv.notification_id, invocation = %inv.invocation_id, sequence = seq,
+                                    "{reason}; delivered raw");
+                                let envelope =
+                                    self.normalizer.raw_build_event(inv, seq, &raw, &reason);
+                                self.pipeline.submit(tracker, envelope).await;
+                                seq += 1;
+                                backoff.reset();
+                            }
+                            Ok(Some(RawStreamed { event: Ok(ev), raw })) => {
                                 if ev.event.is_some() {
                                     self.stats.events.fetch_add(1, Ordering::Relaxed);
                                     self.meters.events.increment(1);

@@ -22,8 +22,10 @@ const GET_INVOCATION: &str = "/engflow.eventstore.v1.EventStore/GetInvocation";
 /// A streamed event and the bytes it was decoded from.
 #[derive(Debug)]
 pub struct RawStreamed {
-    /// The decoded event.
-    pub event: es::StreamedBuildEvent,
+    /// The decoded event, or why its bytes do not decode (a truncated
+    /// message, a string that is not UTF-8): then it travels raw, and the
+    /// stream goes on, instead of failing the call again and again.
+    pub event: Result<es::StreamedBuildEvent, String>,
     /// Its encoding as it arrived.
     pub raw: Bytes,
 }
@@ -96,9 +98,8 @@ impl Decoder for RawCodec {
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Self::Error> {
         let raw = buf.copy_to_bytes(buf.remaining());
-        // As prost's codec maps a bad message (INTERNAL).
         let event = es::StreamedBuildEvent::decode(raw.clone())
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| format!("a streamed event does not decode: {e}"));
         Ok(Some(RawStreamed { event, raw }))
     }
 }

@@ -388,3 +388,68 @@ fn anys_nested_past_the_limit_are_left_raw_as_the_generic_encoder_leaves_them() 
         out.problems
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_that_does_not_decode_is_delivered_raw_and_the_stream_goes_on() {
+    // A principal that is not UTF-8 (field 4) and a truncated message: prost
+    // refuses both. Before, each failed the call as INTERNAL, retried
+    // without end.
+    let mut world = generate(&GenConfig {
+        builds: 2,
+        events_per_invocation: 4,
+        ..GenConfig::default()
+    });
+    let mut stored = Vec::new();
+    for inv in &mut world.invocations {
+        let mut bytes: Vec<bytes::Bytes> = inv
+            .events
+            .iter()
+            .map(|e| bytes::Bytes::from(e.encode_to_vec()))
+            .collect();
+        bytes[1] = bytes::Bytes::from(cat(&[&bytes[1], &ld(4, b"\xff\xfe")]));
+        let whole = bytes[2].to_vec();
+        bytes[2] = bytes::Bytes::from(whole[..whole.len() - 3].to_vec());
+        stored.push(bytes);
+    }
+    let invocations = world.invocations.len();
+    let s = start_sim_with(Sim::with_stored(sim_config(2, 4), world, stored)).await;
+    let (sink, out) = capture();
+    run_until_acked(
+        &s.sim,
+        bridge_config(&s.url),
+        vec![sink],
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    let report = s.sim.report();
+    assert!(s.sim.all_acked(), "{report:?}");
+    assert_eq!(
+        report.event_calls as usize, invocations,
+        "no retry loop: {report:?}"
+    );
+    let raw: Vec<Value> = out
+        .envelopes()
+        .into_iter()
+        .filter(|e| e["name"] == "raw_build_event")
+        .collect();
+    assert_eq!(raw.len(), 2 * invocations);
+    for e in &raw {
+        let seq = e["attributes"]["sequence"].as_str().unwrap();
+        assert!(seq == "1" || seq == "2", "{seq}");
+        assert!(
+            e["payload"]["error"]
+                .as_str()
+                .unwrap()
+                .contains("does not decode")
+        );
+        assert!(
+            e["payload"]["value"]
+                .as_str()
+                .is_some_and(|v| !v.is_empty())
+        );
+    }
+    for (inv, seqs) in sequences(&out.envelopes()) {
+        assert_eq!(seqs, [0, 1, 2, 3], "{inv}");
+    }
+}
