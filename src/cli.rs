@@ -240,6 +240,10 @@ struct BridgeArgs {
     /// Bazel events reach tens of MiB; a larger one fails its invocation with a clear error.
     #[arg(long, value_name = "SIZE", default_value = "128MiB", value_parser = evbridge_sinks::parse_size)]
     max_message_size: usize,
+    /// Failed attempts after which a notification is given up: sent to --dead-letter as
+    /// undeliverable_notification (or logged whole) and acknowledged. 0 = never.
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    max_attempts: u32,
     /// Envelopes per sink call, at most.
     #[arg(long, value_name = "N", default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_batch: u64,
@@ -511,6 +515,7 @@ fn bridge_config(args: &BridgeArgs, source: String) -> Result<BridgeConfig, Fail
     source.shutdown_grace = shutdown_grace;
     source.max_notifications = args.max_notifications as usize;
     source.max_message_size = args.max_message_size;
+    source.max_attempts = args.max_attempts;
     let mut cfg = BridgeConfig::new(source);
     cfg.topics = Topics {
         lifecycle: args.lifecycle_topic.clone(),

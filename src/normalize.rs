@@ -821,6 +821,58 @@ fn write_original(out: &mut String, type_url: &str, bytes: &[u8], unknown: &[Unk
 }
 
 impl Normalizer {
+    /// What a source gives up on: `undeliverable_notification`, the
+    /// notification as it came (its payload raw, in base64) with why each
+    /// attempt failed, for the dead-letter sink. Its id is derived from
+    /// the notification's, so a repeat of the same give-up is the same.
+    pub fn undeliverable(
+        &self,
+        n: &nq::Notification,
+        reasons: &[String],
+        attempts: u32,
+    ) -> Envelope {
+        let (type_url, value) = match &n.payload {
+            Some(any) => (any.type_url.as_str(), any.value.as_slice()),
+            None => ("", &[][..]),
+        };
+        let mut w = JsonWriter::with_capacity(128 + value.len() * 4 / 3);
+        w.begin_object();
+        w.key("notificationId");
+        w.str(&n.id);
+        w.key("attempts");
+        w.u32(attempts);
+        w.key("reasons");
+        w.begin_array();
+        for r in reasons {
+            w.elem();
+            w.str(r);
+        }
+        w.end_array();
+        w.key("payload");
+        w.begin_object();
+        w.raw_any_members(type_url, value, "");
+        w.end_object();
+        w.end_object();
+        let mut attributes = Attributes::with_capacity(2);
+        attributes.push_in_order(
+            SmolStr::new_static("attempts"),
+            SmolStr::new(itoa::Buffer::new().format(attempts)),
+        );
+        attributes.push_in_order(SmolStr::new_static("notification_id"), n.id.as_str().into());
+        let timestamp = n.timestamp.map(|t| rfc3339(&t)).unwrap_or_else(now_rfc3339);
+        Envelope::new(Event {
+            id: v5_simple(&ID_NAMESPACE, format!("{}/undeliverable", n.id).as_bytes()),
+            name: SmolStr::new_static("undeliverable_notification"),
+            namespace: SmolStr::new_static("default"),
+            timestamp,
+            version: Envelope::VERSION,
+            topic: self.lifecycle_topic.clone(),
+            key: n.id.as_str().into(),
+            attributes,
+            payload: Payload::trusted(w.finish().0),
+        })
+    }
+
     /// The envelope of the `seq`-th event of `inv` when its bytes do not
     /// decode: `raw_build_event`, the bytes in base64 with the reason, so
     /// it is delivered (and the stream goes on) rather than lost or

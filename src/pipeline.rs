@@ -228,6 +228,8 @@ pub struct Pipeline {
     stats: Arc<Stats>,
     /// Health and metric handles of every sink, dead-letter sink last.
     sinks: Vec<Arc<SinkState>>,
+    /// The dead-letter sink, also last in `sinks`.
+    dead_letter: Option<Arc<SinkState>>,
     submitted: metrics::Counter,
 }
 
@@ -278,16 +280,41 @@ impl Pipeline {
             all_lanes.push(lanes);
             states.push(state);
         }
-        states.extend(dead_letter);
+        states.extend(dead_letter.clone());
         let pipeline = Pipeline {
             lanes: all_lanes,
             permits,
             spent,
             stats,
             sinks: states,
+            dead_letter,
             submitted: metrics::counter!(telemetry::SUBMITTED),
         };
         (Arc::new(pipeline), workers)
+    }
+
+    /// Sends `envelope` to the dead-letter sink alone, retrying what can
+    /// be retried; `None` without one. For what a source gives up on
+    /// (a notification that failed too often), not for sink rejections.
+    pub async fn dead_letter(&self, envelope: Envelope) -> Option<Result<(), SinkError>> {
+        let dl = self.dead_letter.as_ref()?;
+        let envelope = Arc::new(envelope);
+        if !dl.sink.accepts(&envelope) {
+            return Some(Err(SinkError::Permanent(
+                "the dead-letter sink's names= filter does not take it".into(),
+            )));
+        }
+        let mut outcome = None;
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        deliver(dl, &[envelope], &mut backoff, &self.stats, |_, o| {
+            outcome = o
+        })
+        .await;
+        if outcome.is_none() {
+            self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(telemetry::DEAD_LETTERED).increment(1);
+        }
+        Some(outcome.map_or(Ok(()), Err))
     }
 
     /// Counters so far.

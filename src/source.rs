@@ -65,6 +65,12 @@ pub struct SourceConfig {
     /// Largest message taken from the queue or the event store. Real
     /// Bazel events reach tens of MiB; tonic's default is 4 MiB.
     pub max_message_size: usize,
+    /// Attempts after which a notification whose handling keeps failing
+    /// (a sink rejected part of it for good, its events cannot be
+    /// fetched) is given up: sent to the dead-letter sink as
+    /// `undeliverable_notification` (or, without one, logged whole and
+    /// counted) and acknowledged. 0: never give up.
+    pub max_attempts: u32,
 }
 
 impl std::fmt::Debug for SourceConfig {
@@ -97,6 +103,7 @@ impl SourceConfig {
             ack_batch: 1000,
             max_notifications: 256,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            max_attempts: 5,
         }
     }
 }
@@ -334,6 +341,7 @@ struct Meters {
     reconnects: metrics::Counter,
     resumes: metrics::Counter,
     incomplete: metrics::Counter,
+    given_up: metrics::Counter,
     ack_seconds: metrics::Histogram,
 }
 
@@ -349,6 +357,7 @@ impl Meters {
             reconnects: metrics::counter!(t::RECONNECTS),
             resumes: metrics::counter!(t::RESUMES),
             incomplete: metrics::counter!(t::INCOMPLETE),
+            given_up: metrics::counter!(t::GIVEN_UP),
             ack_seconds: metrics::histogram!(t::ACK_SECONDS),
         }
     }
@@ -391,7 +400,38 @@ pub struct Source {
     in_progress: Arc<Semaphore>,
     stats: SourceStats,
     seen: Mutex<Seen>,
+    /// Failed attempts by notification id (bounded as `seen` is).
+    failures: Mutex<Failures>,
     meters: Meters,
+}
+
+/// How often each notification's handling failed here.
+#[derive(Default)]
+struct Failures {
+    counts: HashMap<String, u32>,
+    order: VecDeque<String>,
+}
+
+impl Failures {
+    /// One more failure of `id`; how many so far.
+    fn record(&mut self, id: &str) -> u32 {
+        if let Some(n) = self.counts.get_mut(id) {
+            *n += 1;
+            return *n;
+        }
+        if self.order.len() == Seen::CAPACITY
+            && let Some(old) = self.order.pop_front()
+        {
+            self.counts.remove(&old);
+        }
+        self.counts.insert(id.to_string(), 1);
+        self.order.push_back(id.to_string());
+        1
+    }
+
+    fn forget(&mut self, id: &str) {
+        self.counts.remove(id);
+    }
 }
 
 /// Codes that mean "this configuration will never work" at start.
@@ -444,6 +484,7 @@ impl Source {
                 ids: HashSet::new(),
                 order: VecDeque::new(),
             }),
+            failures: Mutex::default(),
         })
     }
 
@@ -739,12 +780,57 @@ impl Source {
                 }
             }
             Err(reasons) => {
-                self.meters.unacked.increment(1);
-                error!(
-                    notification = %n.id,
-                    "not acknowledged (it will be redelivered): {}",
-                    reasons.join("; ")
-                )
+                let attempts = self
+                    .failures
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .record(&n.id);
+                let max = self.cfg.max_attempts;
+                if max == 0 || attempts < max {
+                    self.meters.unacked.increment(1);
+                    error!(
+                        notification = %n.id, attempt = attempts, max_attempts = max,
+                        "not acknowledged (it will be redelivered): {}",
+                        reasons.join("; ")
+                    );
+                } else if self.give_up(&n, &reasons, attempts).await {
+                    if ack.send(token).is_ok() {
+                        self.meters.given_up.increment(1);
+                    }
+                    self.failures
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .forget(&n.id);
+                } else {
+                    self.meters.unacked.increment(1);
+                }
+            }
+        }
+    }
+
+    /// Gives up on a notification after `attempts` failed: to the
+    /// dead-letter sink, or logged whole. True when it may be acknowledged.
+    async fn give_up(&self, n: &nq::Notification, reasons: &[String], attempts: u32) -> bool {
+        let envelope = self.normalizer.undeliverable(n, reasons, attempts);
+        match self.pipeline.dead_letter(envelope.clone()).await {
+            Some(Ok(())) => {
+                warn!(notification = %n.id, attempts, "given up after {attempts} failed attempts; \
+                    sent to the dead-letter sink as undeliverable_notification and acknowledged: {}",
+                    reasons.join("; "));
+                true
+            }
+            Some(Err(e)) => {
+                error!(notification = %n.id, attempts, error = %e,
+                    "the dead-letter sink refused the undeliverable notification; not acknowledged");
+                false
+            }
+            None => {
+                // Nowhere to keep it but the log: all of it goes there.
+                error!(notification = %n.id, attempts,
+                    envelope = %String::from_utf8_lossy(envelope.json()),
+                    "given up after {attempts} failed attempts and acknowledged (no --dead-letter \
+                     sink; the notification is in this line): {}", reasons.join("; "));
+                true
             }
         }
     }

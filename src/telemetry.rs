@@ -37,6 +37,9 @@ pub const RESUMES: &str = "evbridge_event_stream_resumes_total";
 /// Invocations taken as the store had them after their event stream kept
 /// ending without its last event.
 pub const INCOMPLETE: &str = "evbridge_invocations_incomplete_total";
+/// Notifications given up after `--max-attempts` failed attempts and
+/// acknowledged (to the dead-letter sink, or logged whole).
+pub const GIVEN_UP: &str = "evbridge_notifications_given_up_total";
 /// Pull streams open now.
 pub const SOURCE_UP: &str = "evbridge_source_up";
 /// Notifications being handled now.
@@ -119,6 +122,10 @@ fn describe() {
         "Event-store streams resumed after an interruption."
     );
     describe_gauge!(SOURCE_UP, "Pull streams open now.");
+    describe_counter!(
+        GIVEN_UP,
+        "Notifications given up after --max-attempts failures and acknowledged."
+    );
     describe_counter!(
         INCOMPLETE,
         "Invocations taken as stored after their event stream kept ending without its last event."

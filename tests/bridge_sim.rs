@@ -476,3 +476,97 @@ async fn a_store_that_never_marks_the_last_event_is_taken_at_its_word_after_a_fe
         "{report:?}"
     );
 }
+
+/// A world whose first invocation_finished names an invocation the store
+/// does not have (NOT_FOUND on every attempt): a poison notification.
+fn world_with_a_poison_notification() -> (evbridge::sim_gen::World, String) {
+    use evbridge::pb::es::build_lifecycle_event_notification::{InvocationFinished, Kind};
+    use prost::Message;
+    let mut world = evbridge::sim_gen::generate(&evbridge::sim_gen::GenConfig {
+        builds: 3,
+        events_per_invocation: 2,
+        ..Default::default()
+    });
+    let at = world.invocations[0].finished_at;
+    let n = &mut world.notifications[at];
+    let any = n.payload.as_mut().unwrap();
+    let mut l =
+        evbridge::pb::es::BuildLifecycleEventNotification::decode(any.value.as_slice()).unwrap();
+    l.kind = Some(Kind::InvocationFinished(InvocationFinished {
+        invocation_id: "no-such-invocation".into(),
+    }));
+    any.value = l.encode_to_vec();
+    let id = n.id.clone();
+    (world, id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_notification_is_dead_lettered_after_its_attempts_and_acked() {
+    let (world, poison) = world_with_a_poison_notification();
+    let mut cfg = sim_config(3, 2);
+    cfg.ack_window_override = Some(Duration::from_millis(300));
+    let s = start_sim_with(evbridge::sim::Sim::with_world(cfg, world)).await;
+    let (sink, out) = capture();
+    let (dead, dead_out) = capture();
+    let mut bridge = bridge_config(&s.url);
+    bridge.dead_letter = Some(dead);
+    bridge.source.max_attempts = 3;
+    run_until_acked(&s.sim, bridge, vec![sink], LONG)
+        .await
+        .unwrap();
+    let report = s.sim.report();
+    assert!(
+        s.sim.all_acked(),
+        "the pull goes on and all is acked: {report:?}"
+    );
+    let given_up = dead_out.envelopes();
+    assert_eq!(given_up.len(), 1, "flagged once");
+    let e = &given_up[0];
+    assert_eq!(e["name"], "undeliverable_notification");
+    assert_eq!(e["payload"]["notificationId"], poison.as_str());
+    assert_eq!(e["payload"]["attempts"], 3);
+    let reasons = e["payload"]["reasons"].as_array().unwrap();
+    assert!(
+        reasons[0].as_str().unwrap().contains("NotFound"),
+        "{reasons:?}"
+    );
+    assert!(e["payload"]["payload"]["value"].as_str().is_some());
+    // Delivered (its lifecycle envelope) once per attempt, not without end.
+    let copies = out
+        .envelopes()
+        .iter()
+        .filter(|e| {
+            e["attributes"]["notification_id"] == poison.as_str() && e["topic"] == "lifecycle"
+        })
+        .count();
+    assert_eq!(copies, 3, "one delivery per attempt");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_dead_letter_sink_a_poison_notification_is_logged_and_acked() {
+    let (world, _) = world_with_a_poison_notification();
+    let mut cfg = sim_config(3, 2);
+    cfg.ack_window_override = Some(Duration::from_millis(300));
+    let s = start_sim_with(evbridge::sim::Sim::with_world(cfg, world)).await;
+    let (sink, _out) = capture();
+    let mut bridge = bridge_config(&s.url);
+    bridge.source.max_attempts = 2;
+    run_until_acked(&s.sim, bridge, vec![sink], LONG)
+        .await
+        .unwrap();
+    assert!(s.sim.all_acked(), "{:?}", s.sim.report());
+    // 0 keeps the old behaviour: never given up, never acknowledged.
+    let (world, _) = world_with_a_poison_notification();
+    let mut cfg = sim_config(3, 2);
+    cfg.ack_window_override = Some(Duration::from_millis(200));
+    let s = start_sim_with(evbridge::sim::Sim::with_world(cfg, world)).await;
+    let (sink, _out) = capture();
+    let mut bridge = bridge_config(&s.url);
+    bridge.source.max_attempts = 0;
+    run_until_acked(&s.sim, bridge, vec![sink], Duration::from_secs(3))
+        .await
+        .unwrap();
+    let report = s.sim.report();
+    assert_eq!(report.queue.acked, report.notifications - 1, "{report:?}");
+    assert!(report.queue.redelivered >= 3, "{report:?}");
+}
