@@ -342,6 +342,7 @@ struct Meters {
     resumes: metrics::Counter,
     incomplete: metrics::Counter,
     given_up: metrics::Counter,
+    handed_over: metrics::Counter,
     ack_seconds: metrics::Histogram,
 }
 
@@ -358,6 +359,7 @@ impl Meters {
             resumes: metrics::counter!(t::RESUMES),
             incomplete: metrics::counter!(t::INCOMPLETE),
             given_up: metrics::counter!(t::GIVEN_UP),
+            handed_over: metrics::counter!(t::HANDED_OVER),
             ack_seconds: metrics::histogram!(t::ACK_SECONDS),
         }
     }
@@ -402,7 +404,43 @@ pub struct Source {
     seen: Mutex<Seen>,
     /// Failed attempts by notification id (bounded as `seen` is).
     failures: Mutex<Failures>,
+    /// Notifications being handled, by id, with their newest delivery: a
+    /// redelivery of one still in progress hands its token over instead of
+    /// starting a second fetch, and the task acknowledges the newest.
+    running: Mutex<HashMap<String, Arc<Mutex<Latest>>>>,
     meters: Meters,
+}
+
+/// The newest delivery of a notification in progress: its token and the
+/// stream to acknowledge it on.
+struct Latest {
+    token: String,
+    ack: mpsc::UnboundedSender<String>,
+}
+
+/// Takes a notification's own entry out of `running` however its task
+/// ends (a later task's entry for the same id is left alone).
+struct RunningEntry(Arc<Source>, String, Arc<Mutex<Latest>>);
+
+impl RunningEntry {
+    /// Leaves `running` now; the newest token and its stream.
+    fn finish(&self) -> (String, mpsc::UnboundedSender<String>) {
+        let mut running = self.0.running.lock().unwrap_or_else(|p| p.into_inner());
+        if running
+            .get(&self.1)
+            .is_some_and(|e| Arc::ptr_eq(e, &self.2))
+        {
+            running.remove(&self.1);
+        }
+        let latest = self.2.lock().unwrap_or_else(|p| p.into_inner());
+        (latest.token.clone(), latest.ack.clone())
+    }
+}
+
+impl Drop for RunningEntry {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
 }
 
 /// How often each notification's handling failed here.
@@ -485,6 +523,7 @@ impl Source {
                 order: VecDeque::new(),
             }),
             failures: Mutex::default(),
+            running: Mutex::default(),
         })
     }
 
@@ -672,8 +711,22 @@ impl Source {
                                 self.meters.redelivered.increment(1);
                             }
                             pending.insert(an.token.clone(), n.id.clone());
+                            let latest = Latest { token: an.token, ack: ack_tx.clone() };
+                            // A redelivery of one still in progress: its task
+                            // takes the new token (the old one expires with
+                            // the window), and no second fetch starts.
+                            let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+                            if let Some(l) = running.get(&n.id) {
+                                *l.lock().unwrap_or_else(|p| p.into_inner()) = latest;
+                                drop(running);
+                                self.meters.handed_over.increment(1);
+                                continue;
+                            }
+                            let latest = Arc::new(Mutex::new(latest));
+                            running.insert(n.id.clone(), latest.clone());
+                            drop(running);
                             let (permit, slot) = slot.take().expect("guarded");
-                            let task = self.clone().handle(n, an.token, slot, ack_tx.clone(), shutdown.clone());
+                            let task = self.clone().handle(n, latest, slot, shutdown.clone());
                             self.stats.in_progress.fetch_add(1, Ordering::AcqRel);
                             // Counted down however the task ends, aborted
                             // before it ran included.
@@ -750,11 +803,11 @@ impl Source {
     async fn handle(
         self: Arc<Self>,
         n: nq::Notification,
-        token: String,
+        latest: Arc<Mutex<Latest>>,
         slot: Slot,
-        ack: mpsc::UnboundedSender<String>,
         shutdown: Shutdown,
     ) {
+        let entry = RunningEntry(self.clone(), n.id.clone(), latest);
         let received = Instant::now();
         let tracker = self.pipeline.tracker();
         let life = self.normalizer.lifecycle(&n);
@@ -770,7 +823,11 @@ impl Source {
         {
             tracker.fail(reason);
         }
-        match tracker.finish().await {
+        let outcome = tracker.finish().await;
+        // The newest delivery's token: a redelivery while this ran handed
+        // it over, and the first one's window may be long gone.
+        let (token, ack) = entry.finish();
+        match outcome {
             Ok(()) => {
                 // The stream may be gone: then the token is worthless anyway.
                 if ack.send(token).is_ok() {

@@ -40,6 +40,9 @@ pub const INCOMPLETE: &str = "evbridge_invocations_incomplete_total";
 /// Notifications given up after `--max-attempts` failed attempts and
 /// acknowledged (to the dead-letter sink, or logged whole).
 pub const GIVEN_UP: &str = "evbridge_notifications_given_up_total";
+/// Redeliveries of a notification still in progress, whose token its
+/// running task took over (no second fetch).
+pub const HANDED_OVER: &str = "evbridge_notifications_handed_over_total";
 /// Pull streams open now.
 pub const SOURCE_UP: &str = "evbridge_source_up";
 /// Notifications being handled now.
@@ -122,6 +125,10 @@ fn describe() {
         "Event-store streams resumed after an interruption."
     );
     describe_gauge!(SOURCE_UP, "Pull streams open now.");
+    describe_counter!(
+        HANDED_OVER,
+        "Redeliveries of a notification in progress handed to its running task."
+    );
     describe_counter!(
         GIVEN_UP,
         "Notifications given up after --max-attempts failures and acknowledged."

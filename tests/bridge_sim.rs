@@ -570,3 +570,34 @@ async fn without_a_dead_letter_sink_a_poison_notification_is_logged_and_acked() 
     assert_eq!(report.queue.acked, report.notifications - 1, "{report:?}");
     assert!(report.queue.redelivered >= 3, "{report:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invocation_slower_than_the_ack_window_is_still_acknowledged() {
+    // Every invocation takes longer to deliver (a sink at 40 envelopes/s,
+    // 12 events each) than the 250 ms window: each attempt's token expires
+    // before it is done. Redeliveries while it runs must hand their token
+    // to it, not start another fetch and ack a dead token again and again.
+    let mut cfg = sim_config(2, 12);
+    cfg.ack_window_override = Some(Duration::from_millis(250));
+    let s = start_sim(cfg).await;
+    let slow = evbridge::sinks::open("blackhole://?rate=40").await.unwrap();
+    run_until_acked(
+        &s.sim,
+        bridge_config(&s.url),
+        vec![slow],
+        Duration::from_secs(40),
+    )
+    .await
+    .unwrap();
+    let report = s.sim.report();
+    assert!(s.sim.all_acked(), "never acknowledged: {report:?}");
+    assert!(
+        report.queue.redelivered > 0,
+        "the window was too long to test: {report:?}"
+    );
+    // One fetch per invocation: redeliveries in progress start none.
+    assert_eq!(
+        report.event_calls as usize, report.invocations,
+        "{report:?}"
+    );
+}
