@@ -167,9 +167,14 @@ impl<'a> Finished<'a> {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        // Unfinished (its worker stopped): give its permit back here.
+        // Unfinished (its worker stopped, or panicked): give its permit
+        // back here, and let its notification finish, unacknowledged, so
+        // the task waiting on it is not stuck for ever.
         if self.sinks_left.load(Ordering::Acquire) != 0 {
             self.permits.add_permits(1);
+            self.tracker
+                .fail("a sink worker stopped before delivering it".into());
+            self.tracker.one_done();
         }
     }
 }
@@ -267,15 +272,15 @@ impl Pipeline {
             for _ in 0..limits.lanes.max(1) {
                 let lane = Arc::new(Lane::default());
                 lanes.push(lane.clone());
-                workers.push(tokio::spawn(worker(
-                    state.clone(),
-                    dead_letter.clone(),
+                workers.push(tokio::spawn(supervise(Worker {
+                    state: state.clone(),
+                    dead_letter: dead_letter.clone(),
                     lane,
-                    limits.max_batch.max(1),
-                    stats.clone(),
-                    permits.clone(),
-                    spent.clone(),
-                )));
+                    max_batch: limits.max_batch.max(1),
+                    stats: stats.clone(),
+                    permits: permits.clone(),
+                    spent: spent.clone(),
+                })));
             }
             all_lanes.push(lanes);
             states.push(state);
@@ -639,7 +644,10 @@ fn dead_letter_copy(env: &Envelope, sink: &dyn Sink, error: &SinkError) -> Arc<E
     Arc::new(Envelope::new(event))
 }
 
-async fn worker(
+/// What a lane's worker works with (all shared, so a restarted worker
+/// takes over where a panicked one stopped).
+#[derive(Clone)]
+struct Worker {
     state: Arc<SinkState>,
     dead_letter: Option<Arc<SinkState>>,
     lane: Arc<Lane>,
@@ -647,7 +655,47 @@ async fn worker(
     stats: Arc<Stats>,
     permits: Arc<Semaphore>,
     spent: Arc<Spent>,
-) {
+}
+
+/// Runs a lane's worker, and starts it again when it panics (a sink's
+/// bug): the panic is logged and counted, the sink reported unhealthy
+/// until it delivers again, and the batch it held finishes unconfirmed
+/// (its notifications unacknowledged, so the source delivers them again)
+/// instead of stalling the lane until --max-in-flight is used up.
+async fn supervise(w: Worker) {
+    loop {
+        let run = tokio::spawn(worker(w.clone()));
+        match run.await {
+            Ok(()) => return,
+            Err(e) if e.is_panic() => {
+                let what = e
+                    .into_panic()
+                    .downcast::<String>()
+                    .map(|s| *s)
+                    .or_else(|p| p.downcast::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|_| "a panic".into());
+                tracing::error!(sink = w.state.sink.describe(), panic = %what,
+                    "a sink worker panicked; restarting it (its batch stays unacknowledged)");
+                metrics::counter!(telemetry::WORKER_PANICS, "sink" => w.state.sink.describe().to_string())
+                    .increment(1);
+                w.state
+                    .delivered(Some(format!("a worker panicked: {what}")));
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+async fn worker(w: Worker) {
+    let Worker {
+        state,
+        dead_letter,
+        lane,
+        max_batch,
+        stats,
+        permits,
+        spent,
+    } = w;
     let mut items = Vec::with_capacity(max_batch);
     let mut envelopes = Vec::with_capacity(max_batch);
     let mut tickets = Vec::with_capacity(max_batch);

@@ -67,6 +67,8 @@ pub const SINK_SEND_SECONDS: &str = "evbridge_sink_send_duration_seconds";
 pub const SINK_UP: &str = "evbridge_sink_up";
 /// Envelopes that carried fields the schema does not know, by `message` type.
 pub const UNKNOWN_FIELDS: &str = "evbridge_unknown_fields_total";
+/// Sink workers that panicked (and were restarted), by sink.
+pub const WORKER_PANICS: &str = "evbridge_sink_worker_panics_total";
 /// Envelopes a sink's `names=` filter skipped (delivered for that sink).
 pub const SINK_FILTERED: &str = "evbridge_sink_envelopes_filtered_total";
 
@@ -160,6 +162,10 @@ fn describe() {
     describe_counter!(
         UNKNOWN_FIELDS,
         "Envelopes carrying fields the schema does not know (original bytes kept), by message type."
+    );
+    describe_counter!(
+        WORKER_PANICS,
+        "Sink workers that panicked and were restarted (their batch stays unacknowledged)."
     );
     describe_counter!(
         SINK_FILTERED,

@@ -410,3 +410,51 @@ async fn a_dead_letter_sink_whose_filter_skips_a_rejection_does_not_take_it() {
     assert_eq!(summary.rejected as usize, report.builds, "{summary:?}");
     assert_eq!(report.queue.acked, report.notifications - report.builds);
 }
+
+/// Panics on its first `panics` calls (a sink's bug), then delivers.
+#[derive(Debug)]
+struct PanicsFirst {
+    inner: Arc<dyn Sink>,
+    panics: usize,
+    calls: AtomicUsize,
+}
+
+#[async_trait]
+impl Sink for PanicsFirst {
+    fn describe(&self) -> &str {
+        "panicky"
+    }
+    async fn send(&self, batch: &[Arc<Envelope>]) -> Result<(), BatchError> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) < self.panics {
+            panic!("a bug in the sink");
+        }
+        self.inner.send(batch).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_sink_worker_is_restarted_and_nothing_is_lost() {
+    // Before, the lane's worker died with its batch: the lane stalled and
+    // its notifications' tasks waited for ever.
+    let mut cfg = sim_config(6, 4);
+    cfg.ack_window_override = Some(Duration::from_millis(300));
+    let s = start_sim(cfg).await;
+    let (inner, out) = capture();
+    let sink = Arc::new(PanicsFirst {
+        inner,
+        panics: 3,
+        calls: AtomicUsize::new(0),
+    });
+    run_until_acked(
+        &s.sim,
+        bridge_config(&s.url),
+        vec![sink.clone()],
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    let report = s.sim.report();
+    assert!(s.sim.all_acked(), "{report:?}");
+    assert!(sink.calls.load(Ordering::SeqCst) > 3);
+    assert_all_present(&s.sim, &out.lines());
+}
