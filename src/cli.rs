@@ -203,7 +203,7 @@ struct BridgeArgs {
         hide_env_values = true,
         value_name = "TOKEN"
     )]
-    token: Option<String>,
+    token: Option<Secret>,
     /// File holding the auth token.
     #[arg(long, value_name = "PATH", conflicts_with = "token")]
     token_file: Option<PathBuf>,
@@ -294,7 +294,7 @@ struct SimArgs {
         hide_env_values = true,
         value_name = "TOKEN"
     )]
-    token: Option<String>,
+    token: Option<Secret>,
     /// Serve TLS with this certificate (PEM)…
     #[arg(long, value_name = "PATH", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -364,6 +364,24 @@ struct DemoArgs {
     sinks: Vec<String>,
 }
 
+/// A secret flag value (a token): its `Debug` shows `***`, so no debug
+/// print of the parsed flags can reveal it.
+#[derive(Clone)]
+struct Secret(String);
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
 /// A failure with the exit code it deserves (2: bad input, 1: runtime).
 #[derive(Debug)]
 pub struct Failure {
@@ -402,6 +420,24 @@ impl From<SourceError> for Failure {
 fn read_file(flag: &str, path: &Path) -> Result<Vec<u8>, Failure> {
     std::fs::read(path)
         .map_err(|e| Failure::usage(format!("cannot read {flag} `{}`: {e}", path.display())))
+}
+
+/// Warns when a file holding a secret (a token, a private key) can be read
+/// by its group or by everyone.
+fn warn_if_readable_by_others(flag: &str, path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                file = %path.display(),
+                mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                "{flag} can be read by its group or by others; `chmod 600` it"
+            );
+        }
+    }
 }
 
 /// Reads a PEM file and checks it holds a block of the expected kind
@@ -455,8 +491,9 @@ async fn open_sinks(urls: &[String]) -> Result<Vec<Arc<dyn Sink>>, Failure> {
 
 fn bridge_config(args: &BridgeArgs, source: String) -> Result<BridgeConfig, Failure> {
     let token = match (&args.token, &args.token_file) {
-        (Some(t), _) => Some(t.clone()),
+        (Some(t), _) => Some(t.0.clone()),
         (None, Some(path)) => {
+            warn_if_readable_by_others("--token-file", path);
             let raw = read_file("--token-file", path)?;
             let text = String::from_utf8(raw).map_err(|_| {
                 Failure::usage(format!(
@@ -472,10 +509,10 @@ fn bridge_config(args: &BridgeArgs, source: String) -> Result<BridgeConfig, Fail
         return Err(Failure::usage("the auth token is empty"));
     }
     let tls_identity = match (&args.tls_cert, &args.tls_key) {
-        (Some(c), Some(k)) => Some((
-            read_pem("--tls-cert", c, "CERTIFICATE")?,
-            read_pem("--tls-key", k, "PRIVATE KEY")?,
-        )),
+        (Some(c), Some(k)) => Some((read_pem("--tls-cert", c, "CERTIFICATE")?, {
+            warn_if_readable_by_others("--tls-key", k);
+            read_pem("--tls-key", k, "PRIVATE KEY")?
+        })),
         _ => None,
     };
     let tls_ca = args
@@ -654,7 +691,7 @@ fn write_report(sim: &Sim, path: Option<&Path>) {
 
 async fn run_sim(args: SimArgs) -> Result<(), Failure> {
     let mut cfg = world_config(&args.world, args.rate);
-    cfg.token = args.token.clone();
+    cfg.token = args.token.as_ref().map(|t| t.0.clone());
     cfg.drop_stream_every = args.drop_stream_every;
     cfg.drop_event_stream_every = args.drop_event_stream_every;
     cfg.max_unacked_per_reader = args.max_unacked_per_reader;
@@ -774,4 +811,17 @@ async fn run_demo(args: DemoArgs) -> Result<(), Failure> {
         serde_json::to_string(&report).expect("report serializes")
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_parsed_flags_never_debug_print_the_token() {
+        let cli = Cli::parse_from(["evbridge", "--source", "grpc://h:1", "--token", "hunter2"]);
+        let shown = format!("{cli:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("***"), "{shown}");
+    }
 }

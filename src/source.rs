@@ -188,6 +188,12 @@ pub fn connect(cfg: &SourceConfig) -> Result<Channels, SourceError> {
             evbridge_sinks::redact(&cfg.endpoint)
         )));
     }
+    if !tls && cfg.token.is_some() {
+        warn!(
+            source = %evbridge_sinks::redact(&cfg.endpoint),
+            "the auth token is sent in clear text over grpc://; use grpcs://"
+        );
+    }
     let port = url.port().unwrap_or(if tls { 443 } else { 80 });
     let uri = format!("{}://{host}:{port}", if tls { "https" } else { "http" });
     let mut endpoint = Endpoint::from_shared(uri)

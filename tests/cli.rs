@@ -380,3 +380,41 @@ fn demo_shows_envelopes_and_exits() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("done."), "{err}");
 }
+
+#[test]
+fn settings_that_void_the_guarantee_or_expose_a_secret_are_warned_about() {
+    let token_file = std::env::temp_dir().join(format!("evbridge-token-{}", std::process::id()));
+    std::fs::write(&token_file, "hunter2\n").unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let out = run(
+        &[
+            "--source",
+            "grpc://127.0.0.1:1",
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "--sink",
+            "kafka://u:hunter2@127.0.0.1:1/t?acks=0",
+            "--sink",
+            "amqp://guest:guest@127.0.0.1:1/%2f?exchange=e&persistent=false&mandatory=false",
+            "--check",
+        ],
+        &[],
+    );
+    let err = String::from_utf8(out.stderr).unwrap();
+    for want in [
+        "token is sent in clear text over grpc://",
+        "SASL credentials are sent without TLS",
+        "acks=0",
+        "persistent=false",
+        "mandatory=false",
+        "--token-file can be read by its group or by others",
+    ] {
+        assert!(err.contains(want), "no `{want}` in: {err}");
+    }
+    assert!(!err.contains("hunter2"), "{err}");
+    let _ = std::fs::remove_file(&token_file);
+}

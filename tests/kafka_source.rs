@@ -203,6 +203,15 @@ async fn bad_source_urls_name_the_problem() {
         ("kafka://127.0.0.1:9/t?colour=red", "colour"),
         ("kafka://nohost/t", "needs a port"),
         ("ftp://x/y", "not a broker source"),
+        // Would let librdkafka store or stop committing offsets itself.
+        (
+            "kafka://127.0.0.1:9/t?rdkafka.enable.auto.offset.store=true",
+            "`rdkafka.enable.auto.offset.store` is not accepted",
+        ),
+        (
+            "kafka://127.0.0.1:9/t?rdkafka.enable.auto.commit=false",
+            "`rdkafka.enable.auto.commit` is not accepted",
+        ),
     ] {
         let err = evbridge::sinks::open_inbound(url)
             .await

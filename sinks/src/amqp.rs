@@ -162,6 +162,16 @@ pub fn open(url: &Url) -> Result<AmqpSink, OpenError> {
     let shown = opts.shown_url().to_string();
     let accepted: Vec<&str> = ACCEPTED.iter().chain(LAPIN_OPTIONS).copied().collect();
     opts.finish(&accepted)?;
+    if !persistent {
+        tracing::warn!(sink = %shown, "persistent=false: a broker restart loses what its queues hold");
+    }
+    if !mandatory {
+        tracing::warn!(
+            sink = %shown,
+            "mandatory=false: an envelope no queue is bound for is dropped by the broker and \
+             still counts as delivered"
+        );
+    }
     Ok(AmqpSink {
         endpoint: link,
         exchange,

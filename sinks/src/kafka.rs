@@ -222,6 +222,14 @@ pub fn open(raw: &str) -> Result<KafkaSink, OpenError> {
     let cloudevents = CloudEvents::from_options(&mut opts)?;
     let secrets = connection(&mut config, credentials.as_ref(), &mut opts);
     opts.finish(ACCEPTED)?;
+    warn_plaintext_credentials(&config, &shown);
+    if config.get("acks") == Some("0") {
+        tracing::warn!(
+            sink = %shown,
+            "acks=0: the broker confirms nothing, so an envelope counts as delivered once sent \
+             and at-least-once does not hold for this sink"
+        );
+    }
     let producer = create(&config).map_err(|e| {
         let fail = |reason: String| OpenError::Invalid {
             url: shown.clone(),
@@ -266,6 +274,18 @@ pub(crate) fn connection(
         config.set(k, v);
     }
     secrets
+}
+
+/// Warns when SASL credentials would cross the network unencrypted
+/// (`user:pass@` in the URL sets `sasl_plaintext` unless told otherwise).
+pub(crate) fn warn_plaintext_credentials(config: &ClientConfig, shown: &str) {
+    if config.get("security.protocol") == Some("sasl_plaintext") {
+        tracing::warn!(
+            url = %shown,
+            "SASL credentials are sent without TLS (security.protocol=sasl_plaintext); set \
+             rdkafka.security.protocol=sasl_ssl for a broker reached over a network"
+        );
+    }
 }
 
 /// librdkafka's error with every secret masked.

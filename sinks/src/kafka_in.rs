@@ -203,8 +203,20 @@ pub fn open(raw: &str) -> Result<KafkaIn, OpenError> {
         .set("enable.auto.commit", "true")
         // Short, so a crash re-reads little that was already delivered.
         .set("auto.commit.interval.ms", "250");
+    // The source stores offsets only once every sink confirmed; letting
+    // librdkafka store them itself (or stop committing them) would lose
+    // records or re-read everything.
+    for key in ["enable.auto.offset.store", "enable.auto.commit"] {
+        if opts.take(&format!("rdkafka.{key}")).is_some() {
+            return Err(invalid(format!(
+                "option `rdkafka.{key}` is not accepted: the source stores each offset only \
+                 after every sink confirmed its record, and commits what it stored"
+            )));
+        }
+    }
     let secrets = connection(&mut config, credentials.as_ref(), &mut opts);
     opts.finish(ACCEPTED)?;
+    crate::kafka::warn_plaintext_credentials(&config, &shown);
     let offsets = Arc::new(Offsets::default());
     let context = Context {
         offsets: offsets.clone(),
