@@ -383,7 +383,8 @@ fn demo_shows_envelopes_and_exits() {
 
 #[test]
 fn settings_that_void_the_guarantee_or_expose_a_secret_are_warned_about() {
-    let token_file = std::env::temp_dir().join(format!("evbridge-token-{}", std::process::id()));
+    let token_file =
+        std::env::temp_dir().join(format!("evbridge-readable-token-{}", std::process::id()));
     std::fs::write(&token_file, "hunter2\n").unwrap();
     #[cfg(unix)]
     {
