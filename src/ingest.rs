@@ -59,7 +59,7 @@ pub fn envelope(rec: &Record) -> Ingested {
         Ok(Value::Object(obj)) if is_bonfire(&obj) => (bonfire_record(rec, obj), None),
         Ok(_) => {
             // Valid JSON of no known shape: the body is the payload as is.
-            let text = String::from_utf8_lossy(rec.body).into_owned();
+            let text = one_line(&String::from_utf8_lossy(rec.body));
             (base(rec, "json_record", Payload::trusted(text)), None)
         }
         Err(e) => {
@@ -119,13 +119,38 @@ fn base(rec: &Record, name: &str, payload: Payload) -> Event {
     }
 }
 
+/// JSON text on one line: in valid JSON a line break can only be
+/// whitespace (inside strings it is escaped), so it becomes a space, and
+/// `stdout://` keeps one object per line.
+fn one_line(json: &str) -> String {
+    if json.contains(['\n', '\r']) {
+        json.replace(['\n', '\r'], " ")
+    } else {
+        json.to_string()
+    }
+}
+
+/// The `payload` member of an event's JSON body, exactly as written.
+fn verbatim_payload(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Only<'a> {
+        #[serde(borrow)]
+        payload: Option<&'a serde_json::value::RawValue>,
+    }
+    let only: Only<'_> = serde_json::from_slice(body).ok()?;
+    only.payload.map(|p| one_line(p.get()))
+}
+
 fn event_record(rec: &Record, mut obj: Map<String, Value>) -> Event {
     let text = |obj: &mut Map<String, Value>, k: &str| match obj.remove(k) {
         Some(Value::String(s)) if !s.is_empty() => Some(SmolStr::from(s)),
         _ => None,
     };
-    let payload = obj.remove("payload").unwrap_or(Value::Null);
-    let mut ev = base(rec, "", Payload::trusted(payload.to_string()));
+    obj.remove("payload");
+    // The payload as it came (key order, numbers beyond 64 bits), not as
+    // serde_json's Value would write it again.
+    let payload = verbatim_payload(rec.body).unwrap_or_else(|| "null".into());
+    let mut ev = base(rec, "", Payload::trusted(payload));
     ev.id = text(&mut obj, "id").unwrap_or(ev.id);
     ev.name = text(&mut obj, "name")
         .map(|n| sanitize_name(&n).into())
@@ -175,10 +200,11 @@ fn bonfire_record(rec: &Record, obj: Map<String, Value>) -> Event {
     } else {
         format!("{}_{}", s("type"), s("status"))
     };
+    // The whole message is the payload, as it came.
     let mut ev = base(
         rec,
         &sanitize_name(&name),
-        Payload::trusted(Value::Object(obj.clone()).to_string()),
+        Payload::trusted(one_line(&String::from_utf8_lossy(rec.body))),
     );
     if let Some(secs) = obj.get("timestamp").and_then(Value::as_f64) {
         ev.timestamp = unix_rfc3339(secs).map_or(ev.timestamp, SmolStr::from);
@@ -352,6 +378,29 @@ mod tests {
         assert_eq!(e.name, "raw_record");
         assert_eq!(json(&e)["payload"]["value"], "/wBub3QganNvbg==");
         assert_eq!(e.timestamp, "2026-11-25T10:00:00Z");
+    }
+
+    #[test]
+    fn payloads_stay_as_written_and_on_one_line() {
+        // Pretty-printed bodies: line breaks would split stdout's one
+        // object per line. Key order and a number beyond 64 bits are kept
+        // as written (serde_json's Value would sort and round them).
+        let event = b"{\n  \"id\": \"e1\",\n  \"name\": \"thing_done\",\n  \"payload\": {\"z\": 1,\r\n \"a\": 123456789012345678901234567890}\n}";
+        let e = envelope(&rec(event)).envelope;
+        let line = String::from_utf8(e.json().to_vec()).unwrap();
+        assert!(!line.contains(['\n', '\r']), "{line}");
+        assert!(
+            line.contains(r#""payload":{"z": 1,   "a": 123456789012345678901234567890}"#),
+            "{line}"
+        );
+        let other = envelope(&rec(b"[1,\n2]")).envelope;
+        assert!(!other.json().contains(&b'\n'));
+        assert_eq!(json(&other)["payload"], serde_json::json!([1, 2]));
+        let bonfire =
+            b"{\"timestamp\": 1,\n \"type\": \"job\", \"status\": \"done\", \"path\": \"/x\"}";
+        let b = envelope(&rec(bonfire)).envelope;
+        assert!(!b.json().contains(&b'\n'));
+        assert_eq!(json(&b)["payload"]["path"], "/x");
     }
 
     #[test]
