@@ -382,7 +382,7 @@ impl Normalizer {
             "decoded in place unlike prost"
         );
         let unknown = if l.maybe_unknown {
-            unknown::find_root(&LIFECYCLE_ROOT, value)
+            unknown::find(LIFECYCLE_TYPE, value)
         } else {
             Vec::new()
         };
@@ -538,33 +538,27 @@ impl Normalizer {
         // as prost is), and the Bazel event gets the same check, so the
         // walk that finds them runs only on a mismatch, or where an `Any`
         // other than the Bazel event could hide some.
-        let bazel_bytes = match build_event.and_then(|b| b.event.as_ref()) {
-            Some(pb::bes::build_event::Event::BazelEvent(any)) if bazel.is_some() => {
-                Some((any.type_url.as_str(), any.value.as_slice()))
-            }
-            _ => None,
-        };
-        let bazel_clean = match (&bazel, bazel_bytes) {
-            (Some((_, decoded)), Some((_, bytes))) => {
-                decoded.encoded_len() == bytes.len() && !bep::holds_any(decoded)
-            }
-            _ => true,
-        };
+        let bazel_bytes = bazel
+            .as_ref()
+            .map(|(any, _)| (any.type_url.as_str(), any.value.as_slice()));
+        let bazel_clean = bazel.as_ref().is_none_or(|(any, decoded)| {
+            decoded.encoded_len() == any.value.len() && !bep::holds_any(decoded)
+        });
         let (original, unknown) = match (raw, bazel_bytes) {
             (Some(bytes), Some((_, inner))) if ev.encoded_len() == bytes.len() => {
                 let unknown = if bazel_clean {
                     Vec::new()
                 } else {
-                    unknown::find_root(&BAZEL_ROOT, inner)
+                    unknown::find(BAZEL_TYPE, inner)
                 };
                 (Some((STREAMED_TYPE_URL, bytes)), unknown)
             }
             (Some(bytes), _) => (
                 Some((STREAMED_TYPE_URL, bytes)),
-                unknown::find_root(&STREAMED_ROOT, bytes),
+                unknown::find(STREAMED_TYPE, bytes),
             ),
             (None, Some((url, inner))) if !bazel_clean => {
-                (Some((url, inner)), unknown::find_root(&BAZEL_ROOT, inner))
+                (Some((url, inner)), unknown::find(BAZEL_TYPE, inner))
             }
             _ => (None, Vec::new()),
         };
@@ -596,27 +590,18 @@ impl Normalizer {
         // In name order, so each is appended; a Bazel event's routing
         // attributes fall in between.
         let mut attributes = Attributes::with_capacity(11);
-        let mut put = |name: &'static str, value: Option<&str>| {
-            if let Some(v) = value {
-                attributes.push_in_order(SmolStr::new_static(name), SmolStr::new(v));
-            }
-        };
-        put("aspect", routing.aspect);
-        put("bep_id", routing.bep_id);
+        push_some(&mut attributes, "aspect", routing.aspect);
+        push_some(&mut attributes, "bep_id", routing.bep_id);
         attributes.push_in_order(SmolStr::new_static("build_id"), inv.build_id.clone());
         if let Some(cmd) = &keywords.command_name {
             attributes.push_in_order(SmolStr::new_static("command_name"), cmd.clone());
         }
-        if let Some(v) = routing.configuration {
-            attributes.push_in_order(SmolStr::new_static("configuration"), SmolStr::new(v));
-        }
+        push_some(&mut attributes, "configuration", routing.configuration);
         attributes.push_in_order(
             SmolStr::new_static("invocation_id"),
             inv.invocation_id.clone(),
         );
-        if let Some(v) = routing.label {
-            attributes.push_in_order(SmolStr::new_static("label"), SmolStr::new(v));
-        }
+        push_some(&mut attributes, "label", routing.label);
         attributes.push_in_order(
             SmolStr::new_static("notification_id"),
             inv.notification_id.clone(),
@@ -631,9 +616,7 @@ impl Normalizer {
             SmolStr::new_static("sequence"),
             SmolStr::new_inline(seq_text),
         );
-        if let Some(v) = routing.test_status {
-            attributes.push_in_order(SmolStr::new_static("test_status"), SmolStr::new_static(v));
-        }
+        push_some(&mut attributes, "test_status", routing.test_status);
         let unknown_list = (!unknown.is_empty()).then(|| unknown_list(&unknown));
         if let Some(list) = &unknown_list {
             attributes.push_in_order(SmolStr::new_static("unknown_fields"), list.into());
@@ -723,7 +706,9 @@ impl Normalizer {
             stream.map(|(_, m)| m.as_str()),
             &keywords.json,
             known_time,
-            bazel.as_ref().map(|(url, decoded)| (*url, decoded)),
+            bazel
+                .as_ref()
+                .map(|(any, decoded)| (any.type_url.as_str(), decoded)),
         );
         #[cfg(debug_assertions)]
         {
@@ -775,12 +760,10 @@ fn unknown_list(unknown: &[UnknownField]) -> String {
         .join(",")
 }
 
-/// The messages searched for unknown fields first.
-static LIFECYCLE_ROOT: unknown::Root =
-    unknown::Root::new("engflow.eventstore.v1.BuildLifecycleEventNotification");
-static STREAMED_ROOT: unknown::Root =
-    unknown::Root::new("engflow.eventstore.v1.StreamedBuildEvent");
-static BAZEL_ROOT: unknown::Root = unknown::Root::new("build_event_stream.BuildEvent");
+/// Full names of the messages searched for unknown fields first.
+const LIFECYCLE_TYPE: &str = "engflow.eventstore.v1.BuildLifecycleEventNotification";
+const STREAMED_TYPE: &str = "engflow.eventstore.v1.StreamedBuildEvent";
+const BAZEL_TYPE: &str = "build_event_stream.BuildEvent";
 
 /// `StreamedBuildEvent.continuation_token`.
 const CONTINUATION_TOKEN_FIELD: u32 = 2;
@@ -912,17 +895,24 @@ impl Normalizer {
     }
 }
 
+/// Appends attribute `name` when it has a value (in name order).
+fn push_some(attributes: &mut Attributes, name: &'static str, value: Option<&str>) {
+    if let Some(v) = value {
+        attributes.push_in_order(SmolStr::new_static(name), SmolStr::new(v));
+    }
+}
+
 /// A Bazel event inside a Build Event Service event, decoded, with its
-/// type URL; `None` when it is something else or does not decode (the
+/// `Any`; `None` when it is something else or does not decode (the
 /// JSON writer then leaves it raw, with the reason).
-fn bazel_event(b: &pb::bes::BuildEvent) -> Option<(&str, pb::bep::BuildEvent)> {
+fn bazel_event(b: &pb::bes::BuildEvent) -> Option<(&prost_types::Any, pb::bep::BuildEvent)> {
     match &b.event {
         Some(pb::bes::build_event::Event::BazelEvent(any))
             if any.type_url == BAZEL_EVENT_TYPE_URL =>
         {
             pb::bep::BuildEvent::decode(any.value.as_slice())
                 .ok()
-                .map(|decoded| (any.type_url.as_str(), decoded))
+                .map(|decoded| (any, decoded))
         }
         _ => None,
     }

@@ -32,28 +32,7 @@ pub(crate) struct Schema {
     pub(crate) fields: &'static [(u32, Field)],
 }
 
-/// A message type to search, its place in the table looked up once.
-#[derive(Debug)]
-pub struct Root {
-    name: &'static str,
-    index: std::sync::OnceLock<Option<usize>>,
-}
-
-impl Root {
-    /// The type `name` (full name, such as `build_event_stream.BuildEvent`).
-    pub const fn new(name: &'static str) -> Self {
-        Root {
-            name,
-            index: std::sync::OnceLock::new(),
-        }
-    }
-
-    fn index(&self) -> Option<usize> {
-        *self.index.get_or_init(|| schema_index(self.name))
-    }
-}
-
-/// Types inside an `Any`, by full name, looked up by hash.
+/// Every message type by full name, looked up by hash.
 static BY_NAME: std::sync::LazyLock<
     std::collections::HashMap<&'static str, usize, foldhash::fast::FixedState>,
 > = std::sync::LazyLock::new(|| {
@@ -84,25 +63,12 @@ impl std::fmt::Display for UnknownField {
     }
 }
 
-fn schema_index(name: &str) -> Option<usize> {
-    MESSAGES.binary_search_by(|m| m.name.cmp(name)).ok()
-}
-
 /// The unknown fields in `bytes`, an encoded `message` (full name), each
 /// once, sorted; empty when the type is not in the schema. Bytes that do
 /// not parse stop the walk there (prost reports those itself).
 pub fn find(message: &str, bytes: &[u8]) -> Vec<UnknownField> {
-    search(BY_NAME.get(message).copied(), bytes)
-}
-
-/// [`find`] for a type whose place in the table is remembered.
-pub fn find_root(root: &Root, bytes: &[u8]) -> Vec<UnknownField> {
-    search(root.index(), bytes)
-}
-
-fn search(schema: Option<usize>, bytes: &[u8]) -> Vec<UnknownField> {
     let mut found = Vec::new();
-    if let Some(i) = schema {
+    if let Some(&i) = BY_NAME.get(message) {
         let _ = walk(i, bytes, 0, &mut found);
     }
     if found.len() > 1 {
@@ -282,7 +248,7 @@ mod tests {
                 }
             }
         }
-        assert!(schema_index("build_event_stream.BuildEvent").is_some());
+        assert!(BY_NAME.contains_key("build_event_stream.BuildEvent"));
         for (i, s) in MESSAGES.iter().enumerate() {
             assert_eq!(BY_NAME[s.name], i);
             for (n, f) in s.fields {
