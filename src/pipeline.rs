@@ -303,23 +303,8 @@ impl Pipeline {
     /// (a notification that failed too often), not for sink rejections.
     pub async fn dead_letter(&self, envelope: Envelope) -> Option<Result<(), SinkError>> {
         let dl = self.dead_letter.as_ref()?;
-        let envelope = Arc::new(envelope);
-        if !dl.sink.accepts(&envelope) {
-            return Some(Err(SinkError::Permanent(
-                "the dead-letter sink's names= filter does not take it".into(),
-            )));
-        }
-        let mut outcome = None;
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        deliver(dl, &[envelope], &mut backoff, &self.stats, |_, o| {
-            outcome = o
-        })
-        .await;
-        if outcome.is_none() {
-            self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(telemetry::DEAD_LETTERED).increment(1);
-        }
-        Some(outcome.map_or(Ok(()), Err))
+        Some(to_dead_letter(dl, Arc::new(envelope), &mut backoff, &self.stats).await)
     }
 
     /// Counters so far.
@@ -631,6 +616,32 @@ async fn deliver(
     }
 }
 
+/// Delivers `envelope` to the dead-letter sink, retrying what can be
+/// retried, and counts it when stored. One its `names=` filter skips is
+/// not stored: that is a rejection too.
+async fn to_dead_letter(
+    dl: &SinkState,
+    envelope: Arc<Envelope>,
+    backoff: &mut Backoff,
+    stats: &Stats,
+) -> Result<(), SinkError> {
+    if !dl.sink.accepts(&envelope) {
+        return Err(SinkError::Permanent(
+            "the dead-letter sink's names= filter does not take it".into(),
+        ));
+    }
+    let mut outcome = None;
+    deliver(dl, &[envelope], backoff, stats, |_, o| outcome = o).await;
+    match outcome {
+        None => {
+            stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(telemetry::DEAD_LETTERED).increment(1);
+            Ok(())
+        }
+        Some(e) => Err(e),
+    }
+}
+
 /// The envelope as the dead-letter sink receives it: unchanged, plus why
 /// and where it was rejected.
 fn dead_letter_copy(env: &Envelope, sink: &dyn Sink, error: &SinkError) -> Arc<Envelope> {
@@ -764,19 +775,8 @@ async fn worker(w: Worker) {
                 continue;
             };
             let copy = dead_letter_copy(envelope, sink, &error);
-            let mut outcome = None;
-            if dl.sink.accepts(&copy) {
-                deliver(dl, &[copy], &mut dl_backoff, &stats, |_, o| outcome = o).await;
-            } else {
-                // Skipped by a filter is not stored: still rejected.
-                outcome = Some(SinkError::Permanent(
-                    "the dead-letter sink's names= filter does not take it".into(),
-                ));
-            }
-            match outcome {
-                None => {
-                    stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!(telemetry::DEAD_LETTERED).increment(1);
+            match to_dead_letter(dl, copy, &mut dl_backoff, &stats).await {
+                Ok(()) => {
                     tracing::warn!(
                         sink = sink.describe(),
                         envelope = %envelope.id,
@@ -787,7 +787,7 @@ async fn worker(w: Worker) {
                     );
                     ticket.done(None, &mut finished);
                 }
-                Some(dl_error) => {
+                Err(dl_error) => {
                     tracing::error!(
                         sink = sink.describe(),
                         envelope = %envelope.id,
