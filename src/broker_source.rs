@@ -137,7 +137,7 @@ impl BrokerSource {
             }
             let tracker = self.pipeline.tracker();
             self.stats.in_progress.fetch_add(1, Ordering::Relaxed);
-            self.pipeline.submit_in(slot, &tracker, out.envelope);
+            self.pipeline.submit_in(slot, &tracker, out.envelope).await;
             let me = self.clone();
             tokio::spawn(async move {
                 let _permit = permit;

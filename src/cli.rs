@@ -233,6 +233,10 @@ struct BridgeArgs {
     /// Envelopes not yet confirmed by every sink, at most (bounds memory).
     #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     max_in_flight: u64,
+    /// Bytes of envelope JSON not yet confirmed by every sink, at most (e.g. 256MiB, 1GB):
+    /// bounds memory when events are large. A larger envelope passes alone.
+    #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = in_flight_bytes)]
+    max_in_flight_bytes: usize,
     /// Notifications handled at once, at most (bounds redelivery after a crash).
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_notifications: u64,
@@ -560,6 +564,7 @@ fn bridge_config(args: &BridgeArgs, source: String) -> Result<BridgeConfig, Fail
     };
     cfg.limits = Limits {
         max_in_flight: args.max_in_flight as usize,
+        max_in_flight_bytes: args.max_in_flight_bytes,
         max_batch: args.max_batch as usize,
         lanes: args.sink_lanes as usize,
     };
@@ -613,6 +618,16 @@ async fn run_bridge(args: BridgeArgs) -> Result<(), Failure> {
     let summary = bridge::run(cfg, sinks, shutdown).await?;
     info!(?summary, "stopped");
     Ok(())
+}
+
+/// A size from 1 MiB to 1 TiB.
+fn in_flight_bytes(text: &str) -> Result<usize, String> {
+    let n = evbridge_sinks::parse_size(text)?;
+    if (1 << 20..=1 << 40).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("`{text}` is outside 1MiB..=1TiB"))
+    }
 }
 
 /// `--check`: one line per part, then exit 0 only if all are healthy.

@@ -11,6 +11,7 @@
 //! password inside a sink URL, say) can stay out of the file.
 
 use clap::ArgAction;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use toml::Value;
 
 /// Keys a file may not set.
@@ -105,31 +106,123 @@ fn scalar(
 
 /// Replaces `${NAME}` with the environment variable (`$$` is a `$`). The
 /// error names the variable, never a value.
+///
+/// Inside a URL, a value that lands in the userinfo or the query is
+/// percent-encoded, so a password with `/ ? # @ : + &` in it (a base64
+/// one, say) stays one password instead of changing where the host, path
+/// or query begin; the sinks decode it back. Elsewhere (a host, a topic)
+/// it is inserted as it is.
 fn expand(key: &str, s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let segments = segments(key, s)?;
+    // The URL's shape, judged with each substitution as one plain letter:
+    // only what the file itself spells can delimit the parts.
+    let skeleton: String = segments
+        .iter()
+        .map(|seg| match seg {
+            Segment::Text(t) => t,
+            Segment::Var(_) => "v",
+        })
+        .collect();
+    let part_at = url_parts(&skeleton);
     let mut out = String::with_capacity(s.len());
+    let mut at = 0;
+    for seg in segments {
+        match seg {
+            Segment::Text(t) => {
+                out.push_str(t);
+                at += t.len();
+            }
+            Segment::Var(name) => {
+                let v = env(name).ok_or_else(|| {
+                    format!("key `{key}`: environment variable `{name}` is not set")
+                })?;
+                match part_at(at) {
+                    UrlPart::Other => out.push_str(&v),
+                    UrlPart::Encoded => out.extend(utf8_percent_encode(&v, COMPONENT)),
+                }
+                at += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// What a URL may hold unencoded in a userinfo or query value: RFC 3986's
+/// unreserved characters.
+const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+enum Segment<'a> {
+    Text(&'a str),
+    Var(&'a str),
+}
+
+/// `s` cut into text and `${NAME}`s (`$$` is the text `$`).
+fn segments<'a>(key: &str, s: &'a str) -> Result<Vec<Segment<'a>>, String> {
+    let mut out = Vec::new();
     let mut rest = s;
     while let Some(i) = rest.find('$') {
-        out.push_str(&rest[..i]);
+        out.push(Segment::Text(&rest[..i]));
         let after = &rest[i + 1..];
         if let Some(tail) = after.strip_prefix('$') {
-            out.push('$');
+            out.push(Segment::Text("$"));
             rest = tail;
         } else if let Some(body) = after.strip_prefix('{') {
             let end = body
                 .find('}')
                 .ok_or_else(|| format!("key `{key}`: `${{` without a closing `}}`"))?;
-            let name = &body[..end];
-            let v = env(name)
-                .ok_or_else(|| format!("key `{key}`: environment variable `{name}` is not set"))?;
-            out.push_str(&v);
+            out.push(Segment::Var(&body[..end]));
             rest = &body[end + 1..];
         } else {
-            out.push('$');
+            out.push(Segment::Text("$"));
             rest = after;
         }
     }
-    out.push_str(rest);
+    out.push(Segment::Text(rest));
     Ok(out)
+}
+
+#[derive(Debug, PartialEq)]
+enum UrlPart {
+    /// The userinfo or the query: percent-encoded.
+    Encoded,
+    /// Not a URL, or its scheme, host or path.
+    Other,
+}
+
+/// Which part of the URL `skeleton` each byte offset falls in.
+fn url_parts(skeleton: &str) -> impl Fn(usize) -> UrlPart {
+    let scheme_end = skeleton.find("://").filter(|&i| {
+        i > 0
+            && skeleton[..i]
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    });
+    let (userinfo, query) = match scheme_end {
+        None => (0..0, usize::MAX),
+        Some(i) => {
+            let start = i + 3;
+            let rest = &skeleton[start..];
+            let userinfo = match evbridge_sinks::userinfo_end(rest) {
+                Some(at) => start..start + at,
+                None => start..start,
+            };
+            let query = skeleton[userinfo.end..]
+                .find('?')
+                .map_or(usize::MAX, |q| userinfo.end + q);
+            (userinfo, query)
+        }
+    };
+    move |at| {
+        if userinfo.contains(&at) || at > query {
+            UrlPart::Encoded
+        } else {
+            UrlPart::Other
+        }
+    }
 }
 
 #[cfg(test)]
@@ -173,13 +266,13 @@ queue_name = "skipped: given on the command line"
     fn the_example_configuration_parses_as_flags() {
         let text = include_str!("../examples/evbridge.toml");
         let cmd = crate::cli::Cli::command();
-        let env = |k: &str| Some(format!("<{k}>"));
+        let env = |k: &str| Some(format!("v-{k}"));
         let flags = flags_from_toml(text, &cmd, &|_| false, &env).unwrap();
-        assert!(flags.contains(&"--token-file=<CREDENTIALS_DIRECTORY>/token".to_string()));
+        assert!(flags.contains(&"--token-file=v-CREDENTIALS_DIRECTORY/token".to_string()));
         assert!(
             flags
                 .iter()
-                .any(|f| f.contains("evbridge:<RABBITMQ_PASSWORD>@rabbitmq"))
+                .any(|f| f.contains("evbridge:v-RABBITMQ_PASSWORD@rabbitmq"))
         );
         let mut argv = vec!["evbridge".to_string()];
         argv.extend(flags);
@@ -205,5 +298,52 @@ queue_name = "skipped: given on the command line"
             assert!(!e.contains("hunter2"), "{e}");
         }
         assert_eq!(flags("sink = 'a$$b$c'").unwrap(), ["--sink=a$b$c"]);
+    }
+
+    #[test]
+    fn substitutions_in_a_urls_userinfo_and_query_are_percent_encoded() {
+        let pass = "a/b?c#d@e:f+g&h=i j%k";
+        let env = |k: &str| match k {
+            "P" => Some(pass.to_string()),
+            "U" => Some("ci@east".to_string()),
+            "HOST" => Some("mq.example.com:5671".to_string()),
+            "TOPIC" => Some("builds.v1".to_string()),
+            _ => None,
+        };
+        let expand = |s: &str| expand("sink", s, &env).unwrap();
+        let encoded = "a%2Fb%3Fc%23d%40e%3Af%2Bg%26h%3Di%20j%25k";
+        let cases = [
+            (
+                "amqp://${U}:${P}@${HOST}/%2f",
+                format!("amqp://ci%40east:{encoded}@mq.example.com:5671/%2f"),
+            ),
+            (
+                "kafka://u:${P}@b1:9092,b2:9092/${TOPIC}",
+                format!("kafka://u:{encoded}@b1:9092,b2:9092/builds.v1"),
+            ),
+            (
+                "kafka://${P}@b:9092/t",
+                format!("kafka://{encoded}@b:9092/t"),
+            ),
+            (
+                "kafka://b:9092/t?rdkafka.sasl.password=${P}&acks=all",
+                format!("kafka://b:9092/t?rdkafka.sasl.password={encoded}&acks=all"),
+            ),
+            ("grpcs://${HOST}", "grpcs://mq.example.com:5671".to_string()),
+            // Not a URL: as it is.
+            ("${P}", pass.to_string()),
+            (
+                "/etc/${TOPIC}/key.pem",
+                "/etc/builds.v1/key.pem".to_string(),
+            ),
+        ];
+        for (template, want) in cases {
+            assert_eq!(expand(template), want, "{template}");
+        }
+        // The sinks read the password back as it was.
+        let url = url::Url::parse(&expand("amqp://u:${P}@h/%2f")).unwrap();
+        assert_eq!(url.host_str(), Some("h"));
+        let decoded = percent_encoding::percent_decode_str(url.password().unwrap());
+        assert_eq!(decoded.decode_utf8().unwrap(), pass);
     }
 }

@@ -7,9 +7,10 @@
 //! order, while the lanes keep several batches in flight at once. A lane
 //! takes envelopes in arrival order, in batches, and retries retryable
 //! failures with backoff from the first unconfirmed envelope on, so
-//! per-invocation order survives retries. A semaphore of `max_in_flight`
-//! permits bounds envelopes not yet confirmed everywhere: a slow sink
-//! stalls the pull instead of growing memory.
+//! per-invocation order survives retries. Two budgets bound what is not
+//! yet confirmed everywhere: `max_in_flight` envelopes and
+//! `max_in_flight_bytes` of their JSON, so a slow sink stalls the pull
+//! instead of growing memory, whether the events are small or 20 MiB each.
 //!
 //! A worker's references to envelopes its sink is done with are dropped
 //! by the thread that submits (see `Spent`), which most likely allocated
@@ -98,15 +99,38 @@ impl Tracker {
     }
 }
 
+/// What the envelopes in flight may take: a count and bytes of JSON.
+struct Budget {
+    envelopes: Arc<Semaphore>,
+    bytes: Semaphore,
+    /// `bytes`' size: an envelope larger than that takes all of it (and so
+    /// waits until it is alone) instead of waiting for ever.
+    byte_limit: usize,
+}
+
+impl Budget {
+    /// What an envelope of `len` bytes takes of the byte budget.
+    fn share(&self, len: usize) -> u32 {
+        len.min(self.byte_limit).min(u32::MAX as usize) as u32
+    }
+
+    fn give_back(&self, envelopes: usize, bytes: usize) {
+        self.envelopes.add_permits(envelopes);
+        self.bytes.add_permits(bytes);
+    }
+}
+
 /// One envelope's progress across the sinks. It stands for one in-flight
-/// permit, which the worker that finishes it gives back (a batch's worth
-/// at once, so the semaphore's lock is taken per batch, not per envelope),
-/// or its drop if nobody finished it.
+/// permit and its bytes' share of the budget, which the worker that
+/// finishes it gives back (a batch's worth at once, so the semaphores'
+/// locks are taken per batch, not per envelope), or its drop if nobody
+/// finished it.
 struct Ticket {
     tracker: Arc<Tracker>,
     sinks_left: AtomicUsize,
     rejected: AtomicBool,
-    permits: Arc<Semaphore>,
+    budget: Arc<Budget>,
+    bytes: u32,
 }
 
 impl Ticket {
@@ -119,7 +143,11 @@ impl Ticket {
             self.tracker.fail(reason);
         }
         if self.sinks_left.fetch_sub(1, Ordering::AcqRel) == 1 {
-            finished.add(&self.tracker, self.rejected.load(Ordering::Acquire));
+            finished.add(
+                &self.tracker,
+                self.bytes,
+                self.rejected.load(Ordering::Acquire),
+            );
         }
     }
 }
@@ -131,6 +159,7 @@ impl Ticket {
 #[derive(Default)]
 struct Finished<'a> {
     permits: usize,
+    bytes: usize,
     confirmed: u64,
     rejected: u64,
     /// A tracker and how many of its envelopes, not yet settled.
@@ -138,8 +167,9 @@ struct Finished<'a> {
 }
 
 impl<'a> Finished<'a> {
-    fn add(&mut self, tracker: &'a Tracker, rejected: bool) {
+    fn add(&mut self, tracker: &'a Tracker, bytes: u32, rejected: bool) {
         self.permits += 1;
+        self.bytes += bytes as usize;
         if rejected {
             self.rejected += 1;
         } else {
@@ -155,13 +185,13 @@ impl<'a> Finished<'a> {
         }
     }
 
-    fn settle(self, stats: &Stats, permits: &Semaphore) {
+    fn settle(self, stats: &Stats, budget: &Budget) {
         if let Some((t, n)) = self.run {
             t.done_many(n);
         }
         stats.confirmed.fetch_add(self.confirmed, Ordering::Relaxed);
         stats.rejected.fetch_add(self.rejected, Ordering::Relaxed);
-        permits.add_permits(self.permits);
+        budget.give_back(self.permits, self.bytes);
     }
 }
 
@@ -171,7 +201,7 @@ impl Drop for Ticket {
         // back here, and let its notification finish, unacknowledged, so
         // the task waiting on it is not stuck for ever.
         if self.sinks_left.load(Ordering::Acquire) != 0 {
-            self.permits.add_permits(1);
+            self.budget.give_back(1, self.bytes as usize);
             self.tracker
                 .fail("a sink worker stopped before delivering it".into());
             self.tracker.one_done();
@@ -203,11 +233,19 @@ impl std::ops::Deref for Held {
     }
 }
 
+/// Generous: 10,000 envelopes of 25 KiB; the usual ~1 KiB ones never
+/// reach it, while 10,000 events of 20 MiB stop at it instead of taking
+/// 200 GB.
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 256 << 20;
+
 /// Bounds of the pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Envelopes not yet confirmed by every sink, at most.
     pub max_in_flight: usize,
+    /// Bytes of envelope JSON not yet confirmed by every sink, at most
+    /// (one larger envelope passes alone).
+    pub max_in_flight_bytes: usize,
     /// Envelopes per sink call, at most.
     pub max_batch: usize,
     /// Concurrent workers per sink (batches in flight per sink).
@@ -218,6 +256,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_in_flight: 10_000,
+            max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             max_batch: 2048,
             lanes: 4,
         }
@@ -228,7 +267,7 @@ impl Default for Limits {
 pub struct Pipeline {
     /// Per sink, its workers' lanes.
     lanes: Vec<Vec<Arc<Lane>>>,
-    permits: Arc<Semaphore>,
+    budget: Arc<Budget>,
     spent: Arc<Spent>,
     stats: Arc<Stats>,
     /// Health and metric handles of every sink, dead-letter sink last.
@@ -260,8 +299,15 @@ impl Pipeline {
         limits: Limits,
     ) -> (Arc<Pipeline>, Vec<JoinHandle<()>>) {
         let stats = Arc::new(Stats::default());
-        let permits = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
-        let spent = Arc::new(Spent::new(limits.max_in_flight.max(1)));
+        let byte_limit = limits.max_in_flight_bytes.clamp(1, Semaphore::MAX_PERMITS);
+        let budget = Arc::new(Budget {
+            envelopes: Arc::new(Semaphore::new(
+                limits.max_in_flight.clamp(1, Semaphore::MAX_PERMITS),
+            )),
+            bytes: Semaphore::new(byte_limit),
+            byte_limit,
+        });
+        let spent = Arc::new(Spent::new(limits.max_in_flight.max(1), byte_limit / 4));
         let mut all_lanes = Vec::with_capacity(sinks.len());
         let mut workers = Vec::with_capacity(sinks.len() * limits.lanes);
         let dead_letter = dead_letter.map(|dl| SinkState::new(dl, "dead_letter"));
@@ -278,7 +324,7 @@ impl Pipeline {
                     lane,
                     max_batch: limits.max_batch.max(1),
                     stats: stats.clone(),
-                    permits: permits.clone(),
+                    budget: budget.clone(),
                     spent: spent.clone(),
                 })));
             }
@@ -288,7 +334,7 @@ impl Pipeline {
         states.extend(dead_letter.clone());
         let pipeline = Pipeline {
             lanes: all_lanes,
-            permits,
+            budget,
             spent,
             stats,
             sinks: states,
@@ -325,6 +371,13 @@ impl Pipeline {
             - s.rejected.load(Ordering::Relaxed)
     }
 
+    /// Bytes of envelope JSON accepted but not yet confirmed everywhere
+    /// (an envelope above the byte limit counts as the limit), plus what
+    /// a waiting submit already holds of the budget.
+    pub fn in_flight_bytes(&self) -> usize {
+        self.budget.byte_limit - self.budget.bytes.available_permits()
+    }
+
     /// A new tracker for one notification.
     pub fn tracker(&self) -> Arc<Tracker> {
         Tracker::new()
@@ -333,7 +386,8 @@ impl Pipeline {
     /// Waits for room for one more envelope.
     pub async fn reserve(&self) -> Slot {
         Slot(
-            self.permits
+            self.budget
+                .envelopes
                 .clone()
                 .acquire_owned()
                 .await
@@ -344,12 +398,29 @@ impl Pipeline {
     /// Sends `envelope` to every sink, waiting for room first.
     pub async fn submit(&self, tracker: &Arc<Tracker>, envelope: Envelope) {
         let slot = self.reserve().await;
-        self.submit_in(slot, tracker, envelope);
+        self.submit_in(slot, tracker, envelope).await;
     }
 
-    /// Sends `envelope` to every sink in a slot already reserved.
-    pub fn submit_in(&self, slot: Slot, tracker: &Arc<Tracker>, envelope: Envelope) {
+    /// Sends `envelope` to every sink in a slot already reserved, once
+    /// its bytes fit in the budget.
+    pub async fn submit_in(&self, slot: Slot, tracker: &Arc<Tracker>, envelope: Envelope) {
         self.spent.free();
+        let bytes = if self.lanes.is_empty() {
+            0
+        } else {
+            let share = self.budget.share(envelope.json().len());
+            let taken = match self.budget.bytes.try_acquire_many(share) {
+                Ok(taken) => taken,
+                Err(_) => self
+                    .budget
+                    .bytes
+                    .acquire_many(share)
+                    .await
+                    .expect("the semaphore is never closed"),
+            };
+            taken.forget();
+            share
+        };
         tracker.remaining.fetch_add(1, Ordering::AcqRel);
         self.stats.submitted.fetch_add(1, Ordering::Relaxed);
         self.submitted.increment(1);
@@ -364,7 +435,8 @@ impl Pipeline {
             tracker: tracker.clone(),
             sinks_left: AtomicUsize::new(self.lanes.len()),
             rejected: AtomicBool::new(false),
-            permits: self.permits.clone(),
+            budget: self.budget.clone(),
+            bytes,
         };
         let envelope = Arc::new(envelope);
         let lane = lane_of(&envelope.key);
@@ -472,48 +544,53 @@ impl Lane {
 /// bench, workers freeing their own batches cost ~0.5 µs per envelope
 /// more than this (bridge CPU per record 4.3 against 3.8 µs, the raw
 /// rdkafka loop's 3.6).
-/// At most `limit` references wait here (so besides the `max_in_flight`
-/// envelopes in the pipeline, at most `limit` more, plus the batch each
-/// worker is settling, are alive); past that, and whenever its lane is
+/// At most `limit` references and `byte_limit` bytes wait here (so
+/// besides the envelopes in flight, at most `max_in_flight` more of at
+/// most a quarter of `max_in_flight_bytes`, plus the batch each worker is
+/// settling, are alive); past that, and whenever its lane is
 /// empty (the source is idle, or not keeping up and so has CPU to spare),
 /// a worker drops them itself.
 struct Spent {
-    /// Batches handed over.
-    tray: Mutex<Vec<Vec<Arc<Envelope>>>>,
+    /// Batches handed over, and their bytes.
+    tray: Mutex<(Vec<Vec<Arc<Envelope>>>, usize)>,
     /// How many references they hold: written under the lock, read without
     /// it on every submit.
     held: AtomicUsize,
     limit: usize,
+    byte_limit: usize,
 }
 
 impl Spent {
-    fn new(limit: usize) -> Self {
+    fn new(limit: usize, byte_limit: usize) -> Self {
         Spent {
-            tray: Mutex::new(Vec::new()),
+            tray: Mutex::new((Vec::new(), 0)),
             held: AtomicUsize::new(0),
             limit,
+            byte_limit,
         }
     }
 
-    fn tray(&self) -> std::sync::MutexGuard<'_, Vec<Vec<Arc<Envelope>>>> {
+    fn tray(&self) -> std::sync::MutexGuard<'_, (Vec<Vec<Arc<Envelope>>>, usize)> {
         self.tray.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Takes `batch` (leaving it empty, with room for as many), or frees it
-    /// here when the tray is full.
+    /// here when the tray is full (by count or by bytes).
     fn put(&self, batch: &mut Vec<Arc<Envelope>>) {
         let n = batch.len();
+        let bytes: usize = batch.iter().map(|e| e.json().len()).sum();
         let mut tray = self.tray();
         let held = self.held.load(Ordering::Relaxed);
-        if n == 0 || held + n > self.limit {
+        if n == 0 || held + n > self.limit || tray.1 + bytes > self.byte_limit {
             drop(tray);
             batch.clear();
             return;
         }
-        tray.push(std::mem::replace(
+        tray.0.push(std::mem::replace(
             batch,
             Vec::with_capacity(batch.capacity()),
         ));
+        tray.1 += bytes;
         self.held.store(held + n, Ordering::Relaxed);
     }
 
@@ -525,7 +602,8 @@ impl Spent {
         let batches = {
             let mut tray = self.tray();
             self.held.store(0, Ordering::Relaxed);
-            std::mem::take(&mut *tray)
+            tray.1 = 0;
+            std::mem::take(&mut tray.0)
         };
         drop(batches);
     }
@@ -664,7 +742,7 @@ struct Worker {
     lane: Arc<Lane>,
     max_batch: usize,
     stats: Arc<Stats>,
-    permits: Arc<Semaphore>,
+    budget: Arc<Budget>,
     spent: Arc<Spent>,
 }
 
@@ -704,7 +782,7 @@ async fn worker(w: Worker) {
         lane,
         max_batch,
         stats,
-        permits,
+        budget,
         spent,
     } = w;
     let mut items = Vec::with_capacity(max_batch);
@@ -753,7 +831,7 @@ async fn worker(w: Worker) {
         )
         .await;
         // Settled before any dead-lettering, which may take a while.
-        finished.settle(&stats, &permits);
+        finished.settle(&stats, &budget);
         let mut finished = Finished::default();
         for (i, error) in rejected.drain(..) {
             let (envelope, ticket) = (&envelopes[i], &tickets[i]);
@@ -803,7 +881,7 @@ async fn worker(w: Worker) {
                 }
             }
         }
-        finished.settle(&stats, &permits);
+        finished.settle(&stats, &budget);
         tickets.clear();
         spent.put(&mut envelopes);
         if lane.is_empty() {
@@ -829,7 +907,7 @@ mod tests {
 
     #[test]
     fn the_tray_holds_at_most_its_limit_and_frees_the_rest_in_place() {
-        let spent = Spent::new(10);
+        let spent = Spent::new(10, usize::MAX);
         let (mut first, mut second) = (batch(6), batch(6));
         let watch: Vec<_> = first.iter().chain(&second).map(Arc::downgrade).collect();
         spent.put(&mut first);

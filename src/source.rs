@@ -823,7 +823,7 @@ impl Source {
         if !life.unknown.is_empty() {
             crate::unknown::report(&life.envelope.id, &life.unknown);
         }
-        self.pipeline.submit_in(slot, &tracker, life.envelope);
+        self.pipeline.submit_in(slot, &tracker, life.envelope).await;
         if let Some(inv) = life.fetch
             && let Err(reason) = self.fetch_invocation(&inv, &tracker, shutdown).await
         {

@@ -51,6 +51,8 @@ pub const IN_PROGRESS: &str = "evbridge_notifications_in_progress";
 pub const SUBMITTED: &str = "evbridge_envelopes_submitted_total";
 /// Envelopes not yet confirmed by every sink.
 pub const IN_FLIGHT: &str = "evbridge_envelopes_in_flight";
+/// Bytes of their JSON (bounded by --max-in-flight-bytes).
+pub const IN_FLIGHT_BYTES: &str = "evbridge_envelopes_in_flight_bytes";
 /// Envelopes confirmed by every sink.
 pub const CONFIRMED: &str = "evbridge_envelopes_confirmed_total";
 /// Envelopes rejected for good and taken by the dead-letter sink.
@@ -145,6 +147,10 @@ fn describe() {
     );
     describe_counter!(SUBMITTED, "Envelopes accepted into the pipeline.");
     describe_gauge!(IN_FLIGHT, "Envelopes not yet confirmed by every sink.");
+    describe_gauge!(
+        IN_FLIGHT_BYTES,
+        "Bytes of envelope JSON not yet confirmed by every sink."
+    );
     describe_counter!(CONFIRMED, "Envelopes confirmed by every sink.");
     describe_counter!(
         DEAD_LETTERED,
@@ -177,6 +183,7 @@ fn describe() {
 /// kept up to date on every change.
 pub fn refresh_gauges(pipeline: &Pipeline, source: &dyn Upstream) {
     metrics::gauge!(IN_FLIGHT).set(pipeline.in_flight() as f64);
+    metrics::gauge!(IN_FLIGHT_BYTES).set(pipeline.in_flight_bytes() as f64);
     metrics::gauge!(IN_PROGRESS).set(source.in_progress() as f64);
     metrics::gauge!(SOURCE_UP).set(source.open_streams() as f64);
     let confirmed = pipeline.stats().confirmed.load(Ordering::Relaxed);

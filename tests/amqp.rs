@@ -414,3 +414,55 @@ async fn a_nack_is_a_retryable_failure_and_the_retry_delivers() {
             .await;
     t.cleanup().await;
 }
+
+/// Runs `rabbitmqctl` (installed with RabbitMQ, see `.ci/run`).
+fn rabbitmqctl(args: &[&str]) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {out:?}");
+}
+
+#[test]
+fn a_config_files_password_with_url_delimiters_reaches_rabbitmq_intact() {
+    // A RabbitMQ user whose password has every character that would
+    // otherwise move the host, path or query of the sink URL.
+    let user = unique("evb-user");
+    let password = "p/a?s#s@w:o+r&d=1 %2F~";
+    rabbitmqctl(&["add_user", &user, password]);
+    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    let dir = std::env::temp_dir().join(unique("evb-config"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("evbridge.toml");
+    std::fs::write(
+        &file,
+        "source = \"grpc://127.0.0.1:1\"\n\
+         sink = \"amqp://${EVB_TEST_USER}:${EVB_TEST_PASSWORD}@127.0.0.1:5672/%2f?exchange=amq.topic\"\n",
+    )
+    .unwrap();
+    let check = |pass: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_evbridge"))
+            .args(["--config", file.to_str().unwrap(), "--check"])
+            .env("EVB_TEST_USER", &user)
+            .env("EVB_TEST_PASSWORD", pass)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!text.contains(pass), "the password was shown: {text}");
+        text
+    };
+    let right = check(password);
+    let wrong = check("p/a?s#s@w:o+r&d=2 %2F~");
+    rabbitmqctl(&["delete_user", &user]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        right.contains(&format!("ok      sink amqp://{user}:***@127.0.0.1:5672")),
+        "{right}"
+    );
+    assert!(wrong.contains("FAILED  sink amqp://"), "{wrong}");
+}

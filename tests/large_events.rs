@@ -135,3 +135,82 @@ async fn an_event_above_the_sources_limit_fails_its_invocation_without_a_retry_s
         "events after it were not taken"
     );
 }
+
+/// The node's own `max_message_size` (128 MiB on RabbitMQ 3.x, 16 MiB
+/// on 4.x), read from the node rather than assumed.
+fn rabbitmq_max_message_size() -> usize {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["eval", "application:get_env(rabbit, max_message_size)."])
+        .output()
+        .expect("rabbitmqctl (installed with RabbitMQ, see .ci/run)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let digits: String = text.chars().filter(char::is_ascii_digit).collect();
+    digits
+        .parse()
+        .unwrap_or_else(|_| panic!("no max_message_size in `{text}`"))
+}
+
+fn sized(id: &str, body: usize) -> evbridge::sinks::Envelope {
+    evbridge::sinks::Envelope::new(evbridge::sinks::Event {
+        id: id.into(),
+        name: "bazel_progress".into(),
+        namespace: "default".into(),
+        timestamp: "2026-12-02T00:00:00Z".into(),
+        version: 1,
+        topic: "build-events".into(),
+        key: "inv-1".into(),
+        attributes: Default::default(),
+        payload: evbridge::sinks::Payload::trusted(format!("\"{}\"", "x".repeat(body))),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_rabbitmq_itself_refuses_is_dead_lettered_and_the_rest_delivered() {
+    // The sink's own limit set above the node's, so the refusal comes from
+    // RabbitMQ (it closes the channel, failing every confirm pending on
+    // it): only the envelope above the limit it states is permanent.
+    use evbridge::pipeline::{Limits, Pipeline};
+    let limit = rabbitmq_max_message_size();
+    let t = Topology::new(&["#"]).await;
+    let sink = evbridge::sinks::open(&t.sink_url(&format!("&max_message_size={}", limit * 2)))
+        .await
+        .unwrap();
+    let (dl, dead) = capture();
+    let (pipeline, _workers) = Pipeline::start_with_dead_letter(
+        vec![sink],
+        Some(dl),
+        Limits {
+            max_in_flight: 16,
+            max_batch: 16,
+            lanes: 1,
+            ..Limits::default()
+        },
+    );
+    let tracker = pipeline.tracker();
+    for (id, size) in [("before", 10), ("huge", limit + 1024), ("after", 10)] {
+        pipeline.submit(&tracker, sized(id, size)).await;
+    }
+    let outcome = tokio::time::timeout(Duration::from_secs(60), tracker.finish())
+        .await
+        .expect("settled, not retried for ever");
+    // Dead-lettered counts as delivered: the notification may be acked.
+    outcome.expect("the huge one dead-lettered, the others delivered");
+    let copies = dead.envelopes();
+    assert_eq!(copies.len(), 1);
+    assert_eq!(copies[0]["id"], "huge");
+    let reason = copies[0]["attributes"]["dead_letter_reason"]
+        .as_str()
+        .unwrap();
+    assert!(
+        reason.contains(&format!(
+            "above the broker's max_message_size of {limit} bytes"
+        )),
+        "{reason}"
+    );
+    assert!(reason.contains("(permanent)"), "{reason}");
+    let got = t.drain("#", 2).await;
+    let mut ids: Vec<_> = got.iter().map(|(v, _)| v["id"].to_string()).collect();
+    ids.sort();
+    assert_eq!(ids, ["\"after\"", "\"before\""]);
+    t.cleanup().await;
+}

@@ -118,6 +118,7 @@ async fn a_stalled_sink_stops_intake_at_max_in_flight() {
             max_in_flight: 8,
             max_batch: 4,
             lanes: 2,
+            ..Limits::default()
         },
     );
     let producer = {
@@ -144,6 +145,56 @@ async fn a_stalled_sink_stops_intake_at_max_in_flight() {
     assert_eq!(pipeline.in_flight(), 0);
 }
 
+#[tokio::test]
+async fn large_envelopes_stop_intake_at_max_in_flight_bytes() {
+    // 1 MiB of budget, envelopes of ~200 KiB: five fit, whatever
+    // --max-in-flight allows; one above the whole budget passes alone.
+    let gate = Arc::new(Recorder::closed());
+    let (pipeline, _workers) = Pipeline::start(
+        vec![gate.clone()],
+        Limits {
+            max_in_flight: 1000,
+            max_in_flight_bytes: 1 << 20,
+            // One envelope per call: each permit of the gate confirms one.
+            max_batch: 1,
+            lanes: 2,
+        },
+    );
+    let size = sized(0, 200 << 10).json().len();
+    let fit = (1 << 20) / size;
+    assert_eq!(fit, 5, "{size}");
+    let producer = {
+        let pipeline = pipeline.clone();
+        tokio::spawn(async move {
+            let tracker = pipeline.tracker();
+            for i in 0..12 {
+                pipeline.submit(&tracker, sized(i, 200 << 10)).await;
+            }
+            pipeline.submit(&tracker, sized(12, 3 << 20)).await;
+            pipeline.submit(&tracker, sized(13, 10)).await;
+            tracker.finish().await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        pipeline.stats().submitted.load(Ordering::SeqCst),
+        fit as u64,
+        "intake stops at the byte bound"
+    );
+    // The waiting submit may already hold part of the rest.
+    let level = pipeline.in_flight_bytes();
+    assert!((fit * size..=1 << 20).contains(&level), "{level}");
+    assert!(!producer.is_finished());
+    gate.open.add_permits(1000);
+    producer
+        .await
+        .unwrap()
+        .expect("all confirmed, the 3 MiB one too");
+    assert_eq!(gate.ids.lock().unwrap().len(), 14);
+    assert_eq!(pipeline.in_flight_bytes(), 0);
+    assert_eq!(pipeline.in_flight(), 0);
+}
+
 /// Places come back however an envelope ends: rejected by its only sink,
 /// or rejected by one and confirmed by another, in mixed batches.
 #[tokio::test]
@@ -166,6 +217,7 @@ async fn finished_envelopes_give_their_places_back_even_when_rejected() {
                 max_in_flight: 3,
                 max_batch: 4,
                 lanes: 2,
+                ..Limits::default()
             },
         );
         let tracker = pipeline.tracker();
@@ -238,6 +290,7 @@ async fn a_dropped_pipeline_delivers_what_its_lanes_hold_in_order() {
             max_in_flight: 100,
             max_batch: 4,
             lanes: 1,
+            ..Limits::default()
         },
     );
     let tracker = pipeline.tracker();
@@ -301,6 +354,7 @@ async fn finished_envelopes_are_freed_and_never_pile_up() {
             max_in_flight,
             max_batch,
             lanes,
+            ..Limits::default()
         },
     );
     let tracker = pipeline.tracker();
@@ -326,6 +380,13 @@ async fn finished_envelopes_are_freed_and_never_pile_up() {
 
 fn envelope(i: usize) -> Envelope {
     keyed(i, 0)
+}
+
+/// Envelope `i` with a payload of `body` bytes.
+fn sized(i: usize, body: usize) -> Envelope {
+    let mut e = keyed(i, 0).event().clone();
+    e.payload = evbridge::sinks::Payload::trusted(format!("\"{}\"", "x".repeat(body)));
+    Envelope::new(e)
 }
 
 /// Envelope `i`, with key `k{key}`.

@@ -101,11 +101,11 @@ pub(crate) fn split(raw: &str) -> Result<Parts, String> {
         None => None,
         Some(u) => {
             let (user, pass) = u.split_once(':').unwrap_or((u, ""));
+            // Percent-decoded as a userinfo is: a `+` stays a `+`.
             let decode = |s: &str| {
-                url::form_urlencoded::parse(format!("x={s}").as_bytes())
-                    .next()
-                    .map(|(_, v)| v.into_owned())
-                    .unwrap_or_default()
+                percent_encoding::percent_decode_str(s)
+                    .decode_utf8_lossy()
+                    .into_owned()
             };
             Some((decode(user), decode(pass)))
         }
@@ -661,6 +661,17 @@ impl Sink for KafkaSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_are_percent_decoded_as_a_userinfo_is() {
+        // As the config file's `${VAR}` writes them, and as typed raw.
+        let (creds, brokers, topic, _) =
+            split("kafka://ci%40east:a%2Fb%3Fc%23d%40e%3Af%2Bg@b1:9092,b2:9092/t").unwrap();
+        assert_eq!(creds, Some(("ci@east".into(), "a/b?c#d@e:f+g".into())));
+        assert_eq!((brokers.len(), topic.as_str()), (2, "t"));
+        let (creds, ..) = split("kafka://u:ab+c/d=@b:9092/t").unwrap();
+        assert_eq!(creds, Some(("u".into(), "ab+c/d=".into())));
+    }
 
     #[test]
     fn a_prefix_counts_toward_the_topic_limit() {

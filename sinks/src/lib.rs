@@ -63,7 +63,7 @@ pub use filter::NameFilter;
 #[cfg(feature = "grpc")]
 pub use grpc::{EngFlowRequest, EngFlowResponse};
 pub use inbound::{ACCEPTED_SOURCES, Ack, Delivery, Inbound, open_inbound};
-pub use options::{MAX_DURATION, MAX_SECONDS, Options, parse_size, redact};
+pub use options::{MAX_DURATION, MAX_SECONDS, Options, parse_size, redact, userinfo_end};
 pub use smol_str::SmolStr;
 pub use stdout::{Format, WriterSink};
 pub use template::{PLACEHOLDERS, Template};

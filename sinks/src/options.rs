@@ -55,7 +55,7 @@ pub fn redact(raw: &str) -> String {
 /// Where the userinfo of `rest` (a URL after `://`) ends: the last `@`
 /// that a host list follows, or else (no host at all) the last `@`, so
 /// that whatever could be a password counts as one.
-pub(crate) fn userinfo_end(rest: &str) -> Option<usize> {
+pub fn userinfo_end(rest: &str) -> Option<usize> {
     let ats = || rest.rmatch_indices('@').map(|(i, _)| i);
     ats()
         .find(|&i| looks_like_host(&rest[i + 1..]))
