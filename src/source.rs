@@ -373,6 +373,7 @@ impl Meters {
 
 /// Notification ids seen lately, to count redeliveries; bounded so a
 /// long-running bridge does not grow.
+#[derive(Default)]
 struct Seen {
     ids: HashSet<String>,
     order: VecDeque<String>,
@@ -395,6 +396,10 @@ impl Seen {
         self.order.push_back(id.to_string());
         false
     }
+
+    fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
 }
 
 /// Shared state of every reader and notification task.
@@ -410,6 +415,10 @@ pub struct Source {
     seen: Mutex<Seen>,
     /// Failed attempts by notification id (bounded as `seen` is).
     failures: Mutex<Failures>,
+    /// Notifications given up (dead-lettered or logged) lately: one that
+    /// comes again (its acknowledgement did not stick) is acknowledged at
+    /// once, not handled, and so given up, again.
+    given_up: Mutex<Seen>,
     /// Notifications being handled, by id, with their newest delivery: a
     /// redelivery of one still in progress hands its token over instead of
     /// starting a second fetch, and the task acknowledges the newest.
@@ -529,6 +538,7 @@ impl Source {
                 order: VecDeque::new(),
             }),
             failures: Mutex::default(),
+            given_up: Mutex::default(),
             running: Mutex::default(),
         })
     }
@@ -717,6 +727,11 @@ impl Source {
                                 self.meters.redelivered.increment(1);
                             }
                             pending.insert(an.token.clone(), n.id.clone());
+                            if self.given_up.lock().unwrap_or_else(|p| p.into_inner()).contains(&n.id) {
+                                info!(notification = %n.id, "given up before; acknowledged again");
+                                let _ = ack_tx.send(an.token);
+                                continue;
+                            }
                             let latest = Latest { token: an.token, ack: ack_tx.clone() };
                             // A redelivery of one still in progress: its task
                             // takes the new token (the old one expires with
@@ -830,11 +845,12 @@ impl Source {
             tracker.fail(reason);
         }
         let outcome = tracker.finish().await;
-        // The newest delivery's token: a redelivery while this ran handed
-        // it over, and the first one's window may be long gone.
-        let (token, ack) = entry.finish();
         match outcome {
             Ok(()) => {
+                // The newest delivery's token: a redelivery while this ran
+                // handed it over, and the first one's window may be long
+                // gone.
+                let (token, ack) = entry.finish();
                 // The stream may be gone: then the token is worthless anyway.
                 if ack.send(token).is_ok() {
                     self.meters
@@ -857,6 +873,14 @@ impl Source {
                         reasons.join("; ")
                     );
                 } else if self.give_up(&n, &reasons, attempts).await {
+                    // Still running while it was dead-lettered, so a
+                    // redelivery meanwhile handed its token over; one
+                    // after this is acknowledged without a second copy.
+                    self.given_up
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .again(&n.id);
+                    let (token, ack) = entry.finish();
                     if ack.send(token).is_ok() {
                         self.meters.given_up.increment(1);
                     }

@@ -11,10 +11,9 @@ use std::time::Duration;
 use common::brokers::Tansu;
 use common::rabbit::Topology;
 use common::*;
-use evbridge::pb::{self, bep, bes};
+
 use evbridge::sim::Sim;
 use evbridge::sim_gen::{GenConfig, World, generate};
-use prost::Message;
 
 const BIG: usize = 20 << 20;
 
@@ -26,32 +25,8 @@ fn world_with_a_big_event() -> (World, String) {
         events_per_invocation: 4,
         ..GenConfig::default()
     });
-    let line = "[1,024 / 3,311] Compiling server/api/handlers.cc; 3s remote\n";
-    let stdout = line.repeat(BIG / line.len() + 1);
-    let event = bep::BuildEvent {
-        id: Some(bep::BuildEventId {
-            id: Some(bep::build_event_id::Id::Progress(
-                bep::build_event_id::ProgressId { opaque_count: 7 },
-            )),
-        }),
-        payload: Some(bep::build_event::Payload::Progress(bep::Progress {
-            stdout,
-            stderr: String::new(),
-        })),
-        ..Default::default()
-    };
     let inv = &mut world.invocations[0];
-    let be = inv.events[1]
-        .event
-        .as_mut()
-        .unwrap()
-        .build_event
-        .as_mut()
-        .unwrap();
-    be.event = Some(bes::build_event::Event::BazelEvent(prost_types::Any {
-        type_url: pb::BAZEL_EVENT_TYPE_URL.into(),
-        value: event.encode_to_vec(),
-    }));
+    make_progress(inv, 1, BIG);
     let id = inv.id.clone();
     (world, id)
 }

@@ -304,3 +304,34 @@ impl Sink for StallAfter {
         }
     }
 }
+
+/// Makes event `at` of `inv` a Bazel progress event of at least `bytes`
+/// bytes of console output (as huge as real ones get).
+pub fn make_progress(inv: &mut evbridge::sim_gen::GenInvocation, at: usize, bytes: usize) {
+    use evbridge::pb::{self, bep, bes};
+    use prost::Message;
+    let line = "[1,024 / 3,311] Compiling server/api/handlers.cc; 3s remote\n";
+    let event = bep::BuildEvent {
+        id: Some(bep::BuildEventId {
+            id: Some(bep::build_event_id::Id::Progress(
+                bep::build_event_id::ProgressId { opaque_count: 7 },
+            )),
+        }),
+        payload: Some(bep::build_event::Payload::Progress(bep::Progress {
+            stdout: line.repeat(bytes / line.len() + 1),
+            stderr: String::new(),
+        })),
+        ..Default::default()
+    };
+    let be = inv.events[at]
+        .event
+        .as_mut()
+        .unwrap()
+        .build_event
+        .as_mut()
+        .unwrap();
+    be.event = Some(bes::build_event::Event::BazelEvent(prost_types::Any {
+        type_url: pb::BAZEL_EVENT_TYPE_URL.into(),
+        value: event.encode_to_vec(),
+    }));
+}
