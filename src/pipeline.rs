@@ -307,7 +307,11 @@ impl Pipeline {
             bytes: Semaphore::new(byte_limit),
             byte_limit,
         });
-        let spent = Arc::new(Spent::new(limits.max_in_flight.max(1), byte_limit / 4));
+        // Two batches' worth: what workers finish between two submits
+        // when the source keeps up; more only held memory (at 1 M events a
+        // tray of --max-in-flight kept peak RSS above 100 MiB).
+        let tray = limits.max_in_flight.min(2 * limits.max_batch).max(1);
+        let spent = Arc::new(Spent::new(tray, byte_limit / 4));
         let mut all_lanes = Vec::with_capacity(sinks.len());
         let mut workers = Vec::with_capacity(sinks.len() * limits.lanes);
         let dead_letter = dead_letter.map(|dl| SinkState::new(dl, "dead_letter"));
@@ -544,8 +548,8 @@ impl Lane {
 /// bench, workers freeing their own batches cost ~0.5 µs per envelope
 /// more than this (bridge CPU per record 4.3 against 3.8 µs, the raw
 /// rdkafka loop's 3.6).
-/// At most `limit` references and `byte_limit` bytes wait here (so
-/// besides the envelopes in flight, at most `max_in_flight` more of at
+/// At most `limit` references (two batches) and `byte_limit` bytes wait
+/// here (so besides the envelopes in flight, at most that many more of at
 /// most a quarter of `max_in_flight_bytes`, plus the batch each worker is
 /// settling, are alive); past that, and whenever its lane is
 /// empty (the source is idle, or not keeping up and so has CPU to spare),
