@@ -53,11 +53,17 @@ async fn metrics(State(admin): State<Admin>) -> impl IntoResponse {
 }
 
 async fn ready(State(admin): State<Admin>) -> impl IntoResponse {
-    match admin.health.readiness() {
+    let (status, mut body) = match admin.health.readiness() {
         Ok(()) => (StatusCode::OK, "ready\n".to_string()),
         Err(problems) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready\n{}\n", problems.join("\n")),
         ),
+    };
+    for note in admin.health.notes() {
+        body.push_str("note: ");
+        body.push_str(&note);
+        body.push('\n');
     }
+    (status, body)
 }

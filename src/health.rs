@@ -133,6 +133,11 @@ impl Health {
             Err(problems)
         }
     }
+
+    /// Facts shown under the verdict that do not change it.
+    pub fn notes(&self) -> Vec<String> {
+        self.source.notes()
+    }
 }
 
 /// Checks `state`'s sink every `interval` until shutdown; a check that

@@ -300,6 +300,11 @@ pub trait Upstream: Send + Sync {
     fn in_progress(&self) -> usize;
     /// Why it is not ready, when it has no open stream.
     fn down_reason(&self) -> String;
+    /// What an operator should see in `/readyz` that does not make the
+    /// bridge unready (notifications given up and kept only in the log).
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 impl Upstream for Source {
@@ -314,6 +319,16 @@ impl Upstream for Source {
     }
     fn down_reason(&self) -> String {
         "no Pull stream open".into()
+    }
+    fn notes(&self) -> Vec<String> {
+        let logged = self.logged_only.lock().unwrap_or_else(|p| p.into_inner());
+        match &*logged {
+            None => Vec::new(),
+            Some((n, last)) => vec![format!(
+                "{n} notification(s) given up and acknowledged with no --dead-letter sink, kept \
+                 only in the error log (last: {last}); see evbridge_notifications_given_up_total"
+            )],
+        }
     }
 }
 
@@ -419,6 +434,8 @@ pub struct Source {
     /// comes again (its acknowledgement did not stick) is acknowledged at
     /// once, not handled, and so given up, again.
     given_up: Mutex<Seen>,
+    /// Given up without a dead-letter sink: how many, and the last id.
+    logged_only: Mutex<Option<(u64, String)>>,
     /// Notifications being handled, by id, with their newest delivery: a
     /// redelivery of one still in progress hands its token over instead of
     /// starting a second fetch, and the task acknowledges the newest.
@@ -539,6 +556,7 @@ impl Source {
             }),
             failures: Mutex::default(),
             given_up: Mutex::default(),
+            logged_only: Mutex::default(),
             running: Mutex::default(),
         })
     }
@@ -913,6 +931,10 @@ impl Source {
             }
             None => {
                 // Nowhere to keep it but the log: all of it goes there.
+                let mut logged = self.logged_only.lock().unwrap_or_else(|p| p.into_inner());
+                let count = logged.as_ref().map_or(0, |(c, _)| *c);
+                *logged = Some((count + 1, n.id.clone()));
+                drop(logged);
                 error!(notification = %n.id, attempts,
                     envelope = %String::from_utf8_lossy(envelope.json()),
                     "given up after {attempts} failed attempts and acknowledged (no --dead-letter \

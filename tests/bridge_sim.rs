@@ -546,17 +546,33 @@ async fn a_poison_notification_is_dead_lettered_after_its_attempts_and_acked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_dead_letter_sink_a_poison_notification_is_logged_and_acked() {
-    let (world, _) = world_with_a_poison_notification();
+    let (world, poison) = world_with_a_poison_notification();
     let mut cfg = sim_config(3, 2);
     cfg.ack_window_override = Some(Duration::from_millis(300));
     let s = start_sim_with(evbridge::sim::Sim::with_world(cfg, world)).await;
     let (sink, _out) = capture();
     let mut bridge = bridge_config(&s.url);
     bridge.source.max_attempts = 2;
-    run_until_acked(&s.sim, bridge, vec![sink], LONG)
-        .await
-        .unwrap();
+    let port = common::brokers::free_port();
+    bridge.metrics_listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    let (trigger, shutdown) = evbridge::shutdown::channel();
+    let running = tokio::spawn(evbridge::bridge::run(bridge, vec![sink], shutdown));
+    let start = std::time::Instant::now();
+    while !s.sim.all_acked() && start.elapsed() < LONG {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(s.sim.all_acked(), "{:?}", s.sim.report());
+    // Ready, and /readyz says what was given up with nowhere to keep it.
+    let body = tokio::task::spawn_blocking(move || {
+        common::http::wait_for(port, "/readyz", "ready with a note", |status, body| {
+            status == 200 && body.contains("note: 1 notification(s) given up")
+        })
+    })
+    .await
+    .unwrap();
+    trigger.fire();
+    running.await.unwrap().unwrap();
+    assert!(body.contains(&poison), "{body}");
     // 0 keeps the old behaviour: never given up, never acknowledged.
     let (world, _) = world_with_a_poison_notification();
     let mut cfg = sim_config(3, 2);
