@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use brokers::cpu_seconds;
 use evbridge::pipeline::{Limits, Pipeline};
-use evbridge::sim_gen::sample_envelopes;
+use evbridge::sim::world::sample_envelopes;
 use evbridge::sinks::Envelope;
 use lapin::options::*;
 use lapin::types::FieldTable;

@@ -12,7 +12,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use evbridge::normalize::Normalizer;
-use evbridge::sim_gen::{GenConfig, generate};
+use evbridge::sim::world::{GenConfig, generate};
 
 fn normalize(c: &mut Criterion) {
     let world = generate(&GenConfig {

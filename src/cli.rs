@@ -23,8 +23,8 @@ use crate::normalize::Topics;
 use crate::pb::es::replay_mode_options::ReplayMode;
 use crate::pipeline::Limits;
 use crate::shutdown;
+use crate::sim::world::GenConfig;
 use crate::sim::{self, Sim, SimConfig};
-use crate::sim_gen::GenConfig;
 use crate::source::{self as src, SourceConfig, SourceError};
 
 const EXAMPLES: &str = "\

@@ -333,7 +333,7 @@ mod tests {
 
     #[test]
     fn an_evbridge_envelope_passes_through_unchanged() {
-        let original = crate::sim_gen::sample_envelopes(3).pop().unwrap();
+        let original = crate::sim::world::sample_envelopes(3).pop().unwrap();
         let mut r = rec(original.json());
         r.key = None;
         r.attributes.clear();

@@ -21,8 +21,9 @@
 //! - `pipeline`: fan-out to sinks, confirm-before-ack, in-flight bound.
 //! - `retry`: exponential backoff with jitter.
 //! - `shutdown`: the shutdown signal every task listens to.
-//! - `sim`, `sim_queue`, `sim_gen`, `sim_store`: the EngFlow-compatible
-//!   simulator (`sim_store` streams its events stored encoded).
+//! - `sim/`: the EngFlow-compatible simulator: `world` generates the
+//!   cluster's notifications and events, `queue` the notification queue
+//!   with its ack window, `store` streams the events stored encoded.
 //! - `pb`: generated protobuf/gRPC code and the descriptor set.
 //! - `logging`: tracing to stderr, text or JSON.
 //! - `health`, `telemetry`, `admin`: readiness, metrics, the periodic stats
@@ -48,9 +49,6 @@ pub mod pipeline;
 pub mod retry;
 pub mod shutdown;
 pub mod sim;
-pub mod sim_gen;
-pub mod sim_queue;
-mod sim_store;
 pub mod source;
 pub mod store_client;
 pub mod telemetry;

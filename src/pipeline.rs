@@ -903,7 +903,7 @@ mod tests {
     use super::*;
 
     fn batch(n: usize) -> Vec<Arc<Envelope>> {
-        crate::sim_gen::sample_envelopes(n)
+        crate::sim::world::sample_envelopes(n)
             .into_iter()
             .map(Arc::new)
             .collect()

@@ -295,7 +295,7 @@ async fn unroutable_envelopes_can_go_to_a_dead_letter_sink() {
 
 fn envelopes(n: usize) -> Vec<Arc<Envelope>> {
     let n_ = evbridge::normalize::Normalizer::default();
-    let world = evbridge::sim_gen::generate(&Default::default());
+    let world = evbridge::sim::world::generate(&Default::default());
     world.notifications[..n]
         .iter()
         .map(|x| Arc::new(n_.lifecycle(x).envelope))

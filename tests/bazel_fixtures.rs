@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::*;
 use evbridge::pb::{self, bes};
 use evbridge::sim::Sim;
-use evbridge::sim_gen::{GenConfig, generate};
+use evbridge::sim::world::{GenConfig, generate};
 use serde_json::Value;
 
 const BUILDS: [&str; 4] = ["green", "failing", "keep_going", "test_failure"];
@@ -163,7 +163,7 @@ async fn a_real_bazels_events_arrive_exactly_as_its_own_json() {
 
 /// One build whose invocations stream `raw` (a fixture's events), each
 /// event as a `bazel_event` in the event store's envelope.
-fn fixture_world(raw: &[Vec<u8>]) -> evbridge::sim_gen::World {
+fn fixture_world(raw: &[Vec<u8>]) -> evbridge::sim::world::World {
     let mut world = generate(&GenConfig {
         builds: 1,
         events_per_invocation: 1,
@@ -191,7 +191,10 @@ fn fixture_world(raw: &[Vec<u8>]) -> evbridge::sim_gen::World {
 }
 
 /// Starts a simulator holding `world` on 127.0.0.1:0.
-async fn start_world(cfg: evbridge::sim::SimConfig, world: evbridge::sim_gen::World) -> RunningSim {
+async fn start_world(
+    cfg: evbridge::sim::SimConfig,
+    world: evbridge::sim::world::World,
+) -> RunningSim {
     start_sim_with(Sim::with_world(cfg, world)).await
 }
 

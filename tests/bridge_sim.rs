@@ -453,7 +453,7 @@ async fn a_stream_that_ends_without_its_last_event_is_resumed_not_taken_as_compl
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_never_marks_the_last_event_is_taken_at_its_word_after_a_few_tries() {
-    let mut world = evbridge::sim_gen::generate(&evbridge::sim_gen::GenConfig {
+    let mut world = evbridge::sim::world::generate(&evbridge::sim::world::GenConfig {
         builds: 3,
         events_per_invocation: 5,
         ..Default::default()
@@ -481,10 +481,10 @@ async fn a_store_that_never_marks_the_last_event_is_taken_at_its_word_after_a_fe
 
 /// A world whose first invocation_finished names an invocation the store
 /// does not have (NOT_FOUND on every attempt): a poison notification.
-fn world_with_a_poison_notification() -> (evbridge::sim_gen::World, String) {
+fn world_with_a_poison_notification() -> (evbridge::sim::world::World, String) {
     use evbridge::pb::es::build_lifecycle_event_notification::{InvocationFinished, Kind};
     use prost::Message;
-    let mut world = evbridge::sim_gen::generate(&evbridge::sim_gen::GenConfig {
+    let mut world = evbridge::sim::world::generate(&evbridge::sim::world::GenConfig {
         builds: 3,
         events_per_invocation: 2,
         ..Default::default()

@@ -8,7 +8,7 @@
 
 use evbridge::normalize::Normalizer;
 use evbridge::pb::{self, bep, bes, command_line, es, failure_details as fd};
-use evbridge::sim_gen::{GenConfig, generate};
+use evbridge::sim::world::{GenConfig, generate};
 use prost::Message;
 use serde_json::{Value, json};
 

@@ -259,7 +259,7 @@ async fn grpcs_with_a_private_ca_and_a_client_certificate() {
     let base = format!("grpcs://localhost:{port}");
     let env = Arc::new(
         evbridge::normalize::Normalizer::default()
-            .lifecycle(&evbridge::sim_gen::generate(&Default::default()).notifications[0])
+            .lifecycle(&evbridge::sim::world::generate(&Default::default()).notifications[0])
             .envelope,
     );
 
@@ -292,7 +292,7 @@ async fn an_envelope_above_the_receivers_4_mib_limit_is_permanent_not_retried() 
     // A receiver with gRPC's default 4 MiB limit, and a 5 MiB envelope.
     let receiver = Arc::new(Receiver::default());
     let url = serve(receiver.clone()).await;
-    let mut event = evbridge::sim_gen::sample_envelopes(1)[0].event().clone();
+    let mut event = evbridge::sim::world::sample_envelopes(1)[0].event().clone();
     event.payload =
         evbridge::sinks::Payload::trusted(format!("{{\"stdout\":\"{}\"}}", "x".repeat(5 << 20)));
     let big = Arc::new(evbridge::sinks::Envelope::new(event));

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use evbridge::json::{JsonWriter, ProtoJson};
 use evbridge::pb;
-use evbridge::sim_gen::{GenConfig, generate};
+use evbridge::sim::world::{GenConfig, generate};
 use prost::Message;
 use prost_reflect::{
     DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MapKey, MessageDescriptor, Value,

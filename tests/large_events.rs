@@ -13,7 +13,7 @@ use common::rabbit::Topology;
 use common::*;
 
 use evbridge::sim::Sim;
-use evbridge::sim_gen::{GenConfig, World, generate};
+use evbridge::sim::world::{GenConfig, World, generate};
 
 const BIG: usize = 20 << 20;
 

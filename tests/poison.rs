@@ -28,7 +28,7 @@ use common::rabbit::Topology;
 use common::*;
 use evbridge::pb::es;
 use evbridge::sim::Sim;
-use evbridge::sim_gen::{GenConfig, generate};
+use evbridge::sim::world::{GenConfig, generate};
 use evbridge::sinks::{BatchError, Envelope, Sink};
 use prost::Message;
 

@@ -11,7 +11,7 @@ use common::*;
 use evbridge::normalize::Normalizer;
 use evbridge::pb::{self, bep, bes, es};
 use evbridge::sim::Sim;
-use evbridge::sim_gen::{GenConfig, generate};
+use evbridge::sim::world::{GenConfig, generate};
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint};
 use serde_json::Value;

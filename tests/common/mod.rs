@@ -307,7 +307,7 @@ impl Sink for StallAfter {
 
 /// Makes event `at` of `inv` a Bazel progress event of at least `bytes`
 /// bytes of console output (as huge as real ones get).
-pub fn make_progress(inv: &mut evbridge::sim_gen::GenInvocation, at: usize, bytes: usize) {
+pub fn make_progress(inv: &mut evbridge::sim::world::GenInvocation, at: usize, bytes: usize) {
     use evbridge::pb::{self, bep, bes};
     use prost::Message;
     let line = "[1,024 / 3,311] Compiling server/api/handlers.cc; 3s remote\n";

@@ -7,8 +7,12 @@
 
 use std::path::{Path, PathBuf};
 
+// Helpers in `build/`, one generator each.
+#[path = "build/bep.rs"]
 mod bep;
+#[path = "build/json.rs"]
 mod json;
+#[path = "build/wire.rs"]
 mod wire;
 
 fn protos(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -32,6 +36,7 @@ fn main() {
     protos(root, &mut files);
     println!("cargo:rerun-if-changed=proto");
     println!("cargo:rerun-if-changed=build");
+    println!("cargo:rerun-if-changed=build.rs");
 
     let fds = protox::compile(&files, [root]).unwrap_or_else(|e| panic!("proto/: {e}"));
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));

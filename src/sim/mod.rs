@@ -4,6 +4,10 @@
 //! certificates when told to, injects faults on request and reports what
 //! it delivered and what was acknowledged.
 
+pub mod queue;
+mod store;
+pub mod world;
+
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,9 +22,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::pb::{es, nq};
 use crate::shutdown::Shutdown;
-use crate::sim_gen::{GenConfig, World, generate};
-use crate::sim_queue::{AckOutcome, Queue, QueueStats};
-use crate::sim_store::{CallResult, EventStoreServer, StoredEvent, StoredEvents, encode_all};
+use crate::sim::queue::{AckOutcome, Queue, QueueStats};
+use crate::sim::store::{CallResult, EventStoreServer, StoredEvent, StoredEvents, encode_all};
+use crate::sim::world::{GenConfig, World, generate};
 
 /// How the simulated cluster behaves.
 #[derive(Debug, Clone)]
@@ -669,7 +673,7 @@ impl StoredEvents for Service {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim_store::continuation;
+    use crate::sim::store::continuation;
 
     #[test]
     fn client_grammar() {
