@@ -9,14 +9,14 @@ use std::time::Duration;
 use evbridge_sinks::Sink;
 use tracing::{info, warn};
 
-use crate::admin::{self, Admin};
 use crate::broker_source::{self, BrokerSource};
-use crate::health::{self, Health};
 use crate::normalize::{Normalizer, Topics};
+use crate::ops::admin::{self, Admin};
+use crate::ops::health::{self, Health};
+use crate::ops::telemetry;
 use crate::pipeline::{Limits, Pipeline};
 use crate::shutdown::{self, Shutdown};
 use crate::source::{Source, SourceConfig, SourceError, Upstream, connect};
-use crate::telemetry;
 
 /// Everything the bridge needs besides its sinks.
 #[derive(Debug, Clone)]

@@ -11,10 +11,10 @@ use evbridge_sinks::{Delivery, Inbound};
 use tracing::{debug, info, warn};
 
 use crate::ingest::{self, Record};
+use crate::ops::telemetry;
 use crate::pipeline::Pipeline;
 use crate::shutdown::Shutdown;
 use crate::source::{SourceError, SourceStats, Upstream};
-use crate::telemetry;
 
 /// How long a message some sink rejected for good is held before it is
 /// handed back to its broker.

@@ -18,8 +18,8 @@ use evbridge_sinks::Sink;
 use tracing::{error, info};
 
 use crate::bridge::{self, BridgeConfig};
-use crate::logging;
 use crate::normalize::Topics;
+use crate::ops::logging;
 use crate::pb::es::replay_mode_options::ReplayMode;
 use crate::pipeline::Limits;
 use crate::shutdown;

@@ -25,25 +25,24 @@
 //!   cluster's notifications and events, `queue` the notification queue
 //!   with its ack window, `store` streams the events stored encoded.
 //! - `pb`: generated protobuf/gRPC code and the descriptor set.
-//! - `logging`: tracing to stderr, text or JSON.
-//! - `health`, `telemetry`, `admin`: readiness, metrics, the periodic stats
-//!   line and the `/metrics` `/healthz` `/readyz` endpoint.
+//! - `ops/`: what operators see: `health` (readiness), `telemetry`
+//!   (metrics, the periodic stats line), `admin` (the `/metrics`
+//!   `/healthz` `/readyz` endpoint), `logging` (tracing to stderr, text or
+//!   JSON).
 //! - `config`: the TOML configuration file, read as the flags it stands for.
 //!
 //! The sinks, the envelope and the `Sink` trait live in `evbridge-sinks`.
 
-pub mod admin;
 pub mod bep;
 pub mod bridge;
 pub mod broker_source;
 pub mod cli;
 pub mod config;
-pub mod health;
 pub mod ingest;
 pub mod json;
 mod lifecycle_view;
-pub mod logging;
 pub mod normalize;
+pub mod ops;
 pub mod pb;
 pub mod pipeline;
 pub mod retry;
@@ -51,7 +50,6 @@ pub mod shutdown;
 pub mod sim;
 pub mod source;
 pub mod store_client;
-pub mod telemetry;
 pub mod unknown;
 
 pub use evbridge_sinks as sinks;

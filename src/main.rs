@@ -16,6 +16,6 @@ async fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(f) => return f.exit_code(),
     };
-    evbridge::logging::init(cli.log_format());
+    evbridge::ops::logging::init(cli.log_format());
     evbridge::cli::main(cli).await
 }

@@ -25,9 +25,9 @@ use evbridge_sinks::{Envelope, Sink, SinkError};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::health::SinkState;
+use crate::ops::health::SinkState;
+use crate::ops::telemetry;
 use crate::retry::Backoff;
-use crate::telemetry;
 
 /// Counters of the pipeline, for logs and tests.
 #[derive(Debug, Default)]

@@ -25,12 +25,12 @@ use tonic::{Code, Status};
 use tracing::{debug, error, info, warn};
 
 use crate::normalize::{Invocation, Normalizer};
+use crate::ops::telemetry as t;
 use crate::pb::{es, nq};
 use crate::pipeline::{Pipeline, Slot, Tracker};
 use crate::retry::Backoff;
 use crate::shutdown::Shutdown;
 use crate::store_client::{RawStreamed, StoreClient};
-use crate::telemetry as t;
 
 /// Default of [`SourceConfig::max_message_size`]: 128 MiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 128 << 20;

@@ -246,7 +246,7 @@ async fn the_bridge_carries_unknown_fields_from_the_event_store() {
     }
     let invocations = world.invocations.len();
     // The process-wide recorder, as `--metrics-listen` installs it.
-    let metrics = evbridge::telemetry::install().unwrap();
+    let metrics = evbridge::ops::telemetry::install().unwrap();
     let s = start_sim_with(Sim::with_stored(sim_config(2, 3), world, stored)).await;
     let (sink, out) = capture();
     run_until_acked(

@@ -13,7 +13,7 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
-use crate::health::Health;
+use crate::ops::health::Health;
 use crate::shutdown::Shutdown;
 
 /// What the endpoint reads from.

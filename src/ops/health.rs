@@ -13,9 +13,9 @@ use std::time::Duration;
 use evbridge_sinks::Sink;
 use metrics::{Counter, Gauge, Histogram};
 
+use crate::ops::telemetry as t;
 use crate::shutdown::Shutdown;
 use crate::source::Upstream;
-use crate::telemetry as t;
 
 /// One sink's health and its metric handles (labelled with the sink's
 /// redacted URL).
