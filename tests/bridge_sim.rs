@@ -482,8 +482,6 @@ async fn a_store_that_never_marks_the_last_event_is_taken_at_its_word_after_a_fe
 /// A world whose first invocation_finished names an invocation the store
 /// does not have (NOT_FOUND on every attempt): a poison notification.
 fn world_with_a_poison_notification() -> (evbridge::sim::world::World, String) {
-    use evbridge::pb::es::build_lifecycle_event_notification::{InvocationFinished, Kind};
-    use prost::Message;
     let mut world = evbridge::sim::world::generate(&evbridge::sim::world::GenConfig {
         builds: 3,
         events_per_invocation: 2,
@@ -491,13 +489,7 @@ fn world_with_a_poison_notification() -> (evbridge::sim::world::World, String) {
     });
     let at = world.invocations[0].finished_at;
     let n = &mut world.notifications[at];
-    let any = n.payload.as_mut().unwrap();
-    let mut l =
-        evbridge::pb::es::BuildLifecycleEventNotification::decode(any.value.as_slice()).unwrap();
-    l.kind = Some(Kind::InvocationFinished(InvocationFinished {
-        invocation_id: "no-such-invocation".into(),
-    }));
-    any.value = l.encode_to_vec();
+    retarget(n, "no-such-invocation");
     let id = n.id.clone();
     (world, id)
 }

@@ -125,20 +125,6 @@ fn rabbitmq_max_message_size() -> usize {
         .unwrap_or_else(|_| panic!("no max_message_size in `{text}`"))
 }
 
-fn sized(id: &str, body: usize) -> evbridge::sinks::Envelope {
-    evbridge::sinks::Envelope::new(evbridge::sinks::Event {
-        id: id.into(),
-        name: "bazel_progress".into(),
-        namespace: "default".into(),
-        timestamp: "2026-12-02T00:00:00Z".into(),
-        version: 1,
-        topic: "build-events".into(),
-        key: "inv-1".into(),
-        attributes: Default::default(),
-        payload: evbridge::sinks::Payload::trusted(format!("\"{}\"", "x".repeat(body))),
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_envelope_rabbitmq_itself_refuses_is_dead_lettered_and_the_rest_delivered() {
     // The sink's own limit set above the node's, so the refusal comes from
@@ -163,7 +149,7 @@ async fn an_envelope_rabbitmq_itself_refuses_is_dead_lettered_and_the_rest_deliv
     );
     let tracker = pipeline.tracker();
     for (id, size) in [("before", 10), ("huge", limit + 1024), ("after", 10)] {
-        pipeline.submit(&tracker, sized(id, size)).await;
+        pipeline.submit(&tracker, sized_envelope(id, size)).await;
     }
     let outcome = tokio::time::timeout(Duration::from_secs(60), tracker.finish())
         .await

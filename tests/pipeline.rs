@@ -160,7 +160,7 @@ async fn large_envelopes_stop_intake_at_max_in_flight_bytes() {
             lanes: 2,
         },
     );
-    let size = sized(0, 200 << 10).json().len();
+    let size = sized_envelope("e0", 200 << 10).json().len();
     let fit = (1 << 20) / size;
     assert_eq!(fit, 5, "{size}");
     let producer = {
@@ -168,10 +168,14 @@ async fn large_envelopes_stop_intake_at_max_in_flight_bytes() {
         tokio::spawn(async move {
             let tracker = pipeline.tracker();
             for i in 0..12 {
-                pipeline.submit(&tracker, sized(i, 200 << 10)).await;
+                pipeline
+                    .submit(&tracker, sized_envelope(&format!("e{i}"), 200 << 10))
+                    .await;
             }
-            pipeline.submit(&tracker, sized(12, 3 << 20)).await;
-            pipeline.submit(&tracker, sized(13, 10)).await;
+            pipeline
+                .submit(&tracker, sized_envelope("e12", 3 << 20))
+                .await;
+            pipeline.submit(&tracker, sized_envelope("e13", 10)).await;
             tracker.finish().await
         })
     };
@@ -380,13 +384,6 @@ async fn finished_envelopes_are_freed_and_never_pile_up() {
 
 fn envelope(i: usize) -> Envelope {
     keyed(i, 0)
-}
-
-/// Envelope `i` with a payload of `body` bytes.
-fn sized(i: usize, body: usize) -> Envelope {
-    let mut e = keyed(i, 0).event().clone();
-    e.payload = evbridge::sinks::Payload::trusted(format!("\"{}\"", "x".repeat(body)));
-    Envelope::new(e)
 }
 
 /// Envelope `i`, with key `k{key}`.

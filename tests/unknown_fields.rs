@@ -16,15 +16,6 @@ use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint};
 use serde_json::Value;
 
-/// A length-delimited field.
-fn ld(field: u32, bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    encode_key(field, WireType::LengthDelimited, &mut out);
-    encode_varint(bytes.len() as u64, &mut out);
-    out.extend_from_slice(bytes);
-    out
-}
-
 /// A varint field numbered `field` (one the schema does not have).
 fn unknown(field: u32) -> Vec<u8> {
     let mut out = Vec::new();

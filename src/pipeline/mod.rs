@@ -234,16 +234,12 @@ impl Pipeline {
             0
         } else {
             let share = self.budget.share(envelope.json().len());
-            let taken = match self.budget.bytes.try_acquire_many(share) {
-                Ok(taken) => taken,
-                Err(_) => self
-                    .budget
-                    .bytes
-                    .acquire_many(share)
-                    .await
-                    .expect("the semaphore is never closed"),
-            };
-            taken.forget();
+            self.budget
+                .bytes
+                .acquire_many(share)
+                .await
+                .expect("the semaphore is never closed")
+                .forget();
             share
         };
         tracker.remaining.fetch_add(1, Ordering::AcqRel);

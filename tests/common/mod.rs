@@ -197,12 +197,7 @@ fn check_complete(sim: &Sim, lines: &[String], ordered: bool) {
         let got = seqs
             .get(&inv.id)
             .unwrap_or_else(|| panic!("invocation {} lost", inv.id));
-        let mut first_seen = Vec::new();
-        for s in got {
-            if !first_seen.contains(s) {
-                first_seen.push(*s);
-            }
-        }
+        let mut first_seen = first_seen(got);
         let want: Vec<u64> = (0..inv.events.len() as u64).collect();
         if !ordered {
             first_seen.sort_unstable();
@@ -334,4 +329,53 @@ pub fn make_progress(inv: &mut evbridge::sim::world::GenInvocation, at: usize, b
         type_url: pb::BAZEL_EVENT_TYPE_URL.into(),
         value: event.encode_to_vec(),
     }));
+}
+
+/// A length-delimited protobuf field, for hand-made wire bytes.
+pub fn ld(field: u32, bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    prost::encoding::encode_key(field, prost::encoding::WireType::LengthDelimited, &mut out);
+    prost::encoding::encode_varint(bytes.len() as u64, &mut out);
+    out.extend_from_slice(bytes);
+    out
+}
+
+/// Points `n` (an `invocation_finished` notification) at `invocation`.
+pub fn retarget(n: &mut evbridge::pb::nq::Notification, invocation: &str) {
+    use evbridge::pb::es::BuildLifecycleEventNotification as Lifecycle;
+    use evbridge::pb::es::build_lifecycle_event_notification::{InvocationFinished, Kind};
+    use prost::Message;
+    let any = n.payload.as_mut().unwrap();
+    let mut l = Lifecycle::decode(any.value.as_slice()).unwrap();
+    l.kind = Some(Kind::InvocationFinished(InvocationFinished {
+        invocation_id: invocation.into(),
+    }));
+    any.value = l.encode_to_vec();
+}
+
+/// An envelope `id` keyed `k0` whose payload is a JSON string of `body`
+/// bytes.
+pub fn sized_envelope(id: &str, body: usize) -> evbridge::sinks::Envelope {
+    evbridge::sinks::Envelope::new(evbridge::sinks::Event {
+        id: id.into(),
+        name: "test".into(),
+        namespace: "default".into(),
+        timestamp: "2026-11-25T00:00:00Z".into(),
+        version: 1,
+        topic: "t".into(),
+        key: "k0".into(),
+        attributes: Default::default(),
+        payload: evbridge::sinks::Payload::trusted(format!("\"{}\"", "x".repeat(body))),
+    })
+}
+
+/// Sequence numbers in the order they first appear (repeats dropped).
+pub fn first_seen(seqs: &[u64]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for s in seqs {
+        if !out.contains(s) {
+            out.push(*s);
+        }
+    }
+    out
 }
