@@ -9,7 +9,7 @@ use std::time::Duration;
 use evbridge::bridge::{self, BridgeConfig};
 use evbridge::shutdown;
 use evbridge::sim::{self, Sim, SimConfig};
-use evbridge::source::SourceConfig;
+use evbridge::sources::SourceConfig;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

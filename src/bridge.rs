@@ -9,14 +9,13 @@ use std::time::Duration;
 use evbridge_sinks::Sink;
 use tracing::{info, warn};
 
-use crate::broker_source::{self, BrokerSource};
-use crate::normalize::{Normalizer, Topics};
+use crate::normalize::Topics;
 use crate::ops::admin::{self, Admin};
 use crate::ops::health::{self, Health};
 use crate::ops::telemetry;
 use crate::pipeline::{Limits, Pipeline};
 use crate::shutdown::{self, Shutdown};
-use crate::source::{Source, SourceConfig, SourceError, Upstream, connect};
+use crate::sources::{self, SourceConfig, SourceError};
 
 /// Everything the bridge needs besides its sinks.
 #[derive(Debug, Clone)]
@@ -79,21 +78,9 @@ pub async fn run(
     sinks: Vec<Arc<dyn Sink>>,
     shutdown: Shutdown,
 ) -> Result<Summary, SourceError> {
-    // A broker URL (kafka://, amqp://) makes a broker the source;
-    // anything else is an EngFlow cluster.
-    enum Origin {
-        Broker(Arc<dyn evbridge_sinks::Inbound>),
-        EngFlow(crate::source::Channels),
-    }
-    let origin = if broker_source::is_broker_url(&cfg.source.endpoint) {
-        Origin::Broker(
-            evbridge_sinks::open_inbound(&cfg.source.endpoint)
-                .await
-                .map_err(|e| SourceError::Config(e.to_string()))?,
-        )
-    } else {
-        Origin::EngFlow(connect(&cfg.source)?)
-    };
+    // The URL checked and connections made first, so a bad source is
+    // the first error a user sees.
+    let opened = sources::open(cfg.source).await?;
     // The recorder must exist before the pipeline and source make their
     // metric handles; the listener is bound now so a taken port is a
     // clear error at start.
@@ -109,29 +96,8 @@ pub async fn run(
     };
     let (pipeline, workers) =
         Pipeline::start_with_dead_letter(sinks, cfg.dead_letter.clone(), cfg.limits);
-    type Running = std::pin::Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>>;
-    let (source, running): (Arc<dyn Upstream>, Running) = match origin {
-        Origin::Broker(inbound) => {
-            let s = BrokerSource::new(
-                inbound,
-                pipeline.clone(),
-                broker_source::name_filter(&cfg.source.endpoint),
-                cfg.source.shutdown_grace,
-                cfg.source.max_notifications,
-                cfg.health_interval,
-            );
-            (s.clone(), Box::pin(async move { s.run(shutdown).await }))
-        }
-        Origin::EngFlow(channels) => {
-            let s = Source::new(
-                cfg.source,
-                channels,
-                Normalizer::new(cfg.topics),
-                pipeline.clone(),
-            );
-            (s.clone(), Box::pin(async move { s.run(shutdown).await }))
-        }
-    };
+    let source = opened.start(cfg.topics, pipeline.clone(), cfg.health_interval);
+    let running = source.clone().run(shutdown);
     // Helpers live until the bridge has drained, not just until the
     // shutdown asks it to.
     let (helpers_done, helpers) = shutdown::channel();

@@ -25,7 +25,7 @@ use crate::pipeline::Limits;
 use crate::shutdown;
 use crate::sim::world::GenConfig;
 use crate::sim::{self, Sim, SimConfig};
-use crate::source::{self as src, SourceConfig, SourceError};
+use crate::sources::{self, SourceConfig, SourceError};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -641,21 +641,16 @@ async fn check(cfg: &BridgeConfig, sinks: &[Arc<dyn Sink>]) -> Result<(), Failur
         }
     };
     let endpoint = &cfg.source.endpoint;
-    if crate::broker_source::is_broker_url(endpoint) {
-        report(
-            format!("source {}", evbridge_sinks::redact(endpoint)),
-            crate::broker_source::probe(endpoint).await,
-        );
+    let what = if sources::is_broker_url(endpoint) {
+        format!("source {}", evbridge_sinks::redact(endpoint))
     } else {
-        report(
-            format!(
-                "source {} (queue `{}`)",
-                evbridge_sinks::redact(endpoint),
-                cfg.source.queue
-            ),
-            src::probe(&cfg.source).await,
-        );
-    }
+        format!(
+            "source {} (queue `{}`)",
+            evbridge_sinks::redact(endpoint),
+            cfg.source.queue
+        )
+    };
+    report(what, sources::probe(&cfg.source).await);
     let all = sinks
         .iter()
         .map(|s| ("sink", s))

@@ -37,12 +37,11 @@
 
 pub mod bep;
 pub mod bridge;
-pub mod broker_source;
 pub mod cli;
 pub mod config;
-pub mod ingest;
 pub mod json;
 mod lifecycle_view;
+pub mod metric_names;
 pub mod normalize;
 pub mod ops;
 pub mod pb;
@@ -50,8 +49,7 @@ pub mod pipeline;
 pub mod retry;
 pub mod shutdown;
 pub mod sim;
-pub mod source;
-pub mod store_client;
+pub mod sources;
 pub mod unknown;
 
 pub use evbridge_sinks as sinks;

@@ -210,7 +210,7 @@ pub fn report(envelope: &str, fields: &[UnknownField]) {
     let mut types: Vec<&'static str> = fields.iter().map(|f| f.message).collect();
     types.dedup();
     for message in types {
-        metrics::counter!(crate::ops::telemetry::UNKNOWN_FIELDS, "message" => message).increment(1);
+        metrics::counter!(crate::metric_names::UNKNOWN_FIELDS, "message" => message).increment(1);
         let first = WARNED
             .lock()
             .unwrap_or_else(|p| p.into_inner())

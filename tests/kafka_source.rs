@@ -213,7 +213,7 @@ async fn bad_source_urls_name_the_problem() {
             "`rdkafka.enable.auto.commit` is not accepted",
         ),
     ] {
-        let err = evbridge::sinks::open_inbound(url)
+        let err = evbridge::sources::open_inbound(url)
             .await
             .unwrap_err()
             .to_string();

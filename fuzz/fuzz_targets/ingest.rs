@@ -9,7 +9,7 @@ fuzz_target!(|data: &[u8]| {
         Some(i) => (&data[i + 1..], Some(&data[..i])),
         None => (data, None),
     };
-    let rec = evbridge::ingest::Record {
+    let rec = evbridge::sources::ingest::Record {
         body,
         key,
         origin: "fuzz/0/1".into(),
@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
         timestamp: None,
         attributes: Default::default(),
     };
-    let out = evbridge::ingest::envelope(&rec);
+    let out = evbridge::sources::ingest::envelope(&rec);
     let json = out.envelope.json();
     assert!(!json.contains(&b'\n'), "a newline in the envelope");
     let v: serde_json::Value = serde_json::from_slice(json).expect("the envelope is JSON");

@@ -15,6 +15,6 @@ fuzz_target!(|text: &str| {
         .unwrap();
     rt.block_on(async {
         let _ = evbridge::sinks::open(text).await;
-        let _ = evbridge::sinks::open_inbound(text).await;
+        let _ = evbridge::sources::open_inbound(text).await;
     });
 });

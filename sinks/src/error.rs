@@ -58,12 +58,12 @@ impl BatchError {
     }
 }
 
-/// Why a sink URL could not be turned into a sink.
-#[derive(Debug, thiserror::Error)]
+/// Why a URL could not be turned into a sink (or, through the broker
+/// sources that share the parsers, into a source).
+#[derive(Debug)]
 #[non_exhaustive]
 pub enum OpenError {
     /// The text is not a URL at all.
-    #[error("sink URL `{url}` is malformed: {reason}; accepted forms: {accepted}", accepted = crate::ACCEPTED)]
     Malformed {
         /// The URL, secrets redacted.
         url: String,
@@ -71,7 +71,6 @@ pub enum OpenError {
         reason: String,
     },
     /// A scheme nobody implements.
-    #[error("sink URL `{url}` has unknown scheme `{scheme}`; accepted forms: {accepted}", accepted = crate::ACCEPTED)]
     UnknownScheme {
         /// The URL, secrets redacted.
         url: String,
@@ -79,9 +78,6 @@ pub enum OpenError {
         scheme: String,
     },
     /// A real sink this build was compiled without.
-    #[error(
-        "sink scheme `{scheme}://` needs cargo feature `{feature}`, which this build does not enable (rebuild with `--features {feature}`)"
-    )]
     FeatureDisabled {
         /// The scheme that was given.
         scheme: String,
@@ -89,7 +85,6 @@ pub enum OpenError {
         feature: &'static str,
     },
     /// A known scheme with an option, host or path it does not accept.
-    #[error("sink URL `{url}`: {reason}")]
     Invalid {
         /// The URL, secrets redacted.
         url: String,
@@ -97,7 +92,6 @@ pub enum OpenError {
         reason: String,
     },
     /// The destination could not be reached or set up.
-    #[error("sink `{url}` could not be opened: {reason}")]
     Connect {
         /// The URL, secrets redacted.
         url: String,
@@ -105,3 +99,35 @@ pub enum OpenError {
         reason: String,
     },
 }
+
+impl OpenError {
+    /// The message with the URL's role ("sink", "source", "dead-letter
+    /// sink") and the forms accepted in that role, so an error names what
+    /// the user passed, not which parser read it.
+    pub fn render(&self, role: &str, accepted: &str) -> String {
+        match self {
+            OpenError::Malformed { url, reason } => {
+                format!("{role} URL `{url}` is malformed: {reason}; accepted forms: {accepted}")
+            }
+            OpenError::UnknownScheme { url, scheme } => format!(
+                "{role} URL `{url}` has unknown scheme `{scheme}`; accepted forms: {accepted}"
+            ),
+            OpenError::FeatureDisabled { scheme, feature } => format!(
+                "{role} scheme `{scheme}://` needs cargo feature `{feature}`, which this build \
+                 does not enable (rebuild with `--features {feature}`)"
+            ),
+            OpenError::Invalid { url, reason } => format!("{role} URL `{url}`: {reason}"),
+            OpenError::Connect { url, reason } => {
+                format!("{role} `{url}` could not be opened: {reason}")
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.render("sink", crate::ACCEPTED))
+    }
+}
+
+impl std::error::Error for OpenError {}

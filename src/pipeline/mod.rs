@@ -18,6 +18,7 @@
 //! empty or the tray is full.
 
 mod lane;
+mod sink_state;
 mod tracker;
 mod worker;
 
@@ -29,8 +30,7 @@ use evbridge_sinks::{Envelope, Sink, SinkError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::ops::health::SinkState;
-use crate::ops::telemetry;
+use crate::metric_names as telemetry;
 use crate::retry::Backoff;
 
 /// Counters of the pipeline, for logs and tests.
@@ -50,6 +50,7 @@ pub struct Stats {
 }
 
 use lane::{Lane, Spent};
+pub use sink_state::SinkState;
 pub use tracker::Tracker;
 use tracker::{Budget, Held, Item, Ticket};
 use worker::{Worker, supervise, to_dead_letter};

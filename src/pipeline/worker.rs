@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use evbridge_sinks::{Envelope, Sink, SinkError};
 
-use crate::ops::health::SinkState;
-use crate::ops::telemetry;
+use super::SinkState;
+use crate::metric_names as telemetry;
 use crate::retry::Backoff;
 
 use super::Stats;

@@ -20,7 +20,7 @@ use evbridge::bridge::{self, BridgeConfig, Summary};
 use evbridge::shutdown::{self, Trigger};
 use evbridge::sim::{self, Sim, SimConfig};
 use evbridge::sinks::{Format, Sink, WriterSink};
-use evbridge::source::{SourceConfig, SourceError};
+use evbridge::sources::{SourceConfig, SourceError};
 use serde_json::Value;
 
 /// An in-memory writer whose contents the test can read while the sink

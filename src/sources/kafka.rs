@@ -20,9 +20,12 @@ use rdkafka::consumer::{
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, ClientContext};
 
-use crate::inbound::{Ack, Delivery, Inbound};
-use crate::kafka::{connection, masked, split, topic_char};
-use crate::{OpenError, Options, SinkError};
+use evbridge_sinks::kafka::connection::{
+    connection, masked, split, topic_char, warn_plaintext_credentials,
+};
+use evbridge_sinks::{OpenError, Options, SinkError};
+
+use super::broker::{Ack, Delivery, Inbound};
 
 const ACCEPTED: &[&str] = &[
     "group",
@@ -158,7 +161,7 @@ impl std::fmt::Debug for KafkaIn {
 /// Parses a `kafka://` source URL and creates the consumer (it joins the
 /// group on the first [`Inbound::next`]).
 pub fn open(raw: &str) -> Result<KafkaIn, OpenError> {
-    let shown = crate::redact(raw);
+    let shown = evbridge_sinks::redact(raw);
     let invalid = |reason: String| OpenError::Invalid {
         url: shown.clone(),
         reason: format!(
@@ -216,7 +219,7 @@ pub fn open(raw: &str) -> Result<KafkaIn, OpenError> {
     }
     let secrets = connection(&mut config, credentials.as_ref(), &mut opts);
     opts.finish(ACCEPTED)?;
-    crate::kafka::warn_plaintext_credentials(&config, &shown);
+    warn_plaintext_credentials(&config, &shown);
     let offsets = Arc::new(Offsets::default());
     let context = Context {
         offsets: offsets.clone(),
@@ -381,7 +384,7 @@ impl Inbound for KafkaIn {
 fn rfc3339_millis(ms: i64) -> Option<String> {
     let mut s = String::with_capacity(24);
     let nanos = u32::try_from(ms.rem_euclid(1000) * 1_000_000).ok()?;
-    crate::push_rfc3339(&mut s, ms.div_euclid(1000), nanos).then_some(s)
+    evbridge_sinks::push_rfc3339(&mut s, ms.div_euclid(1000), nanos).then_some(s)
 }
 
 #[cfg(test)]

@@ -1,20 +1,134 @@
 //! A broker (Kafka topic, RabbitMQ queue) as the bridge's source: each
-//! message becomes an envelope ([`crate::ingest`]) and is acknowledged to
-//! its broker only after every sink confirmed it, as EngFlow
-//! notifications are.
+//! message a broker consumer ([`Inbound`]) yields becomes an envelope
+//! ([`super::ingest`]) and is acknowledged to its broker only after every
+//! sink confirmed it, as EngFlow notifications are.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use evbridge_sinks::{Delivery, Inbound};
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+
+use async_trait::async_trait;
+use evbridge_sinks::{OpenError, SinkError, redact};
 use tracing::{debug, info, warn};
 
-use crate::ingest::{self, Record};
-use crate::ops::telemetry;
+use super::ingest::{self, Record};
+use super::{ACCEPTED, Source, SourceError, SourceStats};
+use crate::metric_names as names;
 use crate::pipeline::Pipeline;
 use crate::shutdown::Shutdown;
-use crate::source::{SourceError, SourceStats, Upstream};
+
+/// One message as a broker delivered it.
+pub struct Delivery {
+    /// The message body.
+    pub body: Vec<u8>,
+    /// Kafka record key (AMQP has none).
+    pub key: Option<Vec<u8>>,
+    /// Where it came from, stable across redeliveries; seeds the envelope
+    /// id of messages that carry none.
+    pub origin: String,
+    /// The topic or routing key it arrived on.
+    pub topic: String,
+    /// The broker's timestamp, RFC 3339, if it has one.
+    pub timestamp: Option<String>,
+    /// Facts about the delivery (`kafka_topic`, `routing_key`, …).
+    pub attributes: BTreeMap<String, String>,
+    /// Acknowledges it; dropped unacknowledged, the broker delivers the
+    /// message again (Kafka: after a restart or rebalance; AMQP: when the
+    /// channel closes).
+    pub ack: Box<dyn Ack>,
+}
+
+impl Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("origin", &self.origin)
+            .field("topic", &self.topic)
+            .field("bytes", &self.body.len())
+            .finish()
+    }
+}
+
+/// Acknowledges one delivery to its broker.
+#[async_trait]
+pub trait Ack: Send + Sync {
+    /// Marks the message done: Kafka commits up to the lowest offset still
+    /// in progress, AMQP acks the delivery tag.
+    async fn ack(self: Box<Self>);
+
+    /// Gives the message back undone (some sink rejected it for good):
+    /// AMQP requeues it now; Kafka commits nothing past it, so it is read
+    /// again after a restart or rebalance.
+    async fn reject(self: Box<Self>) {}
+}
+
+/// A broker consumer.
+#[async_trait]
+pub trait Inbound: Send + Sync + Debug {
+    /// The URL with secrets redacted.
+    fn describe(&self) -> &str;
+
+    /// The next message. Connection losses are retried inside (with
+    /// backoff, re-subscribing or re-binding); an error is for good.
+    async fn next(&self) -> Result<Delivery, SinkError>;
+
+    /// Connected and receiving (an assignment, a consumer on the queue).
+    fn up(&self) -> bool;
+
+    /// Checks, without consuming, that the broker answers and what the
+    /// URL names (topic, exchange) exists.
+    async fn healthcheck(&self) -> Result<(), SinkError>;
+
+    /// Checked periodically while running, for readiness: sources whose
+    /// [`Inbound::up`] cannot see the broker going away (a Kafka consumer
+    /// keeps its assignment through an outage) override it. Must answer
+    /// within about 10 s, the broker away or not.
+    async fn liveness(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    /// Commits what was acknowledged and leaves cleanly.
+    async fn close(&self);
+}
+
+/// Builds the broker consumer a source URL names.
+pub async fn open_inbound(raw: &str) -> Result<Arc<dyn Inbound>, SourceError> {
+    open_consumer(raw)
+        .await
+        .map_err(|e| SourceError::Config(e.render("source", ACCEPTED)))
+}
+
+async fn open_consumer(raw: &str) -> Result<Arc<dyn Inbound>, OpenError> {
+    let scheme = raw.split_once("://").map_or("", |(s, _)| s);
+    match scheme {
+        #[cfg(feature = "kafka")]
+        "kafka" => Ok(Arc::new(super::kafka::open(raw)?)),
+        #[cfg(not(feature = "kafka"))]
+        "kafka" => Err(OpenError::FeatureDisabled {
+            scheme: "kafka".into(),
+            feature: "kafka",
+        }),
+        #[cfg(feature = "amqp")]
+        "amqp" | "amqps" => {
+            let url = url::Url::parse(raw).map_err(|e| OpenError::Invalid {
+                url: redact(raw),
+                reason: format!("not a URL ({e}); accepted: {ACCEPTED}"),
+            })?;
+            Ok(Arc::new(super::amqp::open(&url)?))
+        }
+        #[cfg(not(feature = "amqp"))]
+        s @ ("amqp" | "amqps") => Err(OpenError::FeatureDisabled {
+            scheme: s.to_string(),
+            feature: "amqp",
+        }),
+        other => Err(OpenError::Invalid {
+            url: redact(raw),
+            reason: format!("`{other}` is not a broker source; accepted: {ACCEPTED}"),
+        }),
+    }
+}
 
 /// How long a message some sink rejected for good is held before it is
 /// handed back to its broker.
@@ -66,10 +180,10 @@ impl BrokerSource {
             in_progress: Arc::new(tokio::sync::Semaphore::new(max_in_progress.max(1))),
             stats: SourceStats::default(),
             meters: Meters {
-                received: metrics::counter!(telemetry::RECEIVED),
-                acked: metrics::counter!(telemetry::ACKED),
-                unacked: metrics::counter!(telemetry::UNACKED),
-                ack_seconds: metrics::histogram!(telemetry::ACK_SECONDS),
+                received: metrics::counter!(names::RECEIVED),
+                acked: metrics::counter!(names::ACKED),
+                unacked: metrics::counter!(names::UNACKED),
+                ack_seconds: metrics::histogram!(names::ACK_SECONDS),
             },
             dead: std::sync::Mutex::new(None),
             check_every,
@@ -78,7 +192,7 @@ impl BrokerSource {
 
     /// Consumes until `shutdown`, then waits (at most the grace period)
     /// for what is in flight and commits it.
-    pub async fn run(self: &Arc<Self>, mut shutdown: Shutdown) -> Result<(), SourceError> {
+    async fn consume(self: &Arc<Self>, mut shutdown: Shutdown) -> Result<(), SourceError> {
         info!(source = %self.inbound.describe(), "consuming");
         tokio::spawn(self.clone().watch(shutdown.clone()));
         let result = loop {
@@ -207,7 +321,11 @@ impl BrokerSource {
     }
 }
 
-impl Upstream for BrokerSource {
+#[async_trait]
+impl Source for BrokerSource {
+    async fn run(self: Arc<Self>, shutdown: Shutdown) -> Result<(), SourceError> {
+        self.consume(shutdown).await
+    }
     fn stats(&self) -> &SourceStats {
         &self.stats
     }
@@ -230,13 +348,6 @@ impl Upstream for BrokerSource {
     }
 }
 
-/// Whether a source URL names a broker rather than an EngFlow cluster.
-pub fn is_broker_url(url: &str) -> bool {
-    ["kafka://", "amqp://", "amqps://"]
-        .iter()
-        .any(|s| url.starts_with(s))
-}
-
 /// The `name=` filter of a broker source URL.
 pub fn name_filter(url: &str) -> Option<String> {
     let query = url.split_once('?')?.1;
@@ -248,9 +359,7 @@ pub fn name_filter(url: &str) -> Option<String> {
 /// `--check` for a broker source: the broker answers and the topic or
 /// exchange is there (nothing is consumed).
 pub async fn probe(url: &str) -> Result<(), String> {
-    let inbound = evbridge_sinks::open_inbound(url)
-        .await
-        .map_err(|e| e.to_string())?;
+    let inbound = open_inbound(url).await.map_err(|e| e.to_string())?;
     let outcome = match tokio::time::timeout(Duration::from_secs(15), inbound.healthcheck()).await {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(_) => Err("no answer within 15s".into()),

@@ -25,12 +25,13 @@ use lapin::{Connection, Consumer, ExchangeKind};
 use tokio::sync::Mutex;
 use url::Url;
 
-use crate::amqp::{
+use evbridge_sinks::amqp::connection::{
     Declare, Endpoint, LAPIN_OPTIONS, declare_exchange, endpoint, exchange_error, exchange_options,
     refused,
 };
-use crate::inbound::{Ack, Delivery, Inbound};
-use crate::{OpenError, Options, SinkError};
+use evbridge_sinks::{OpenError, Options, SinkError};
+
+use super::broker::{Ack, Delivery, Inbound};
 
 const ACCEPTED: &[&str] = &[
     "exchange",
@@ -397,7 +398,7 @@ impl AmqpIn {
         }
         let timestamp = props.timestamp().and_then(|secs| {
             let mut s = String::with_capacity(20);
-            crate::push_rfc3339(&mut s, i64::try_from(secs).ok()?, 0).then_some(s)
+            evbridge_sinks::push_rfc3339(&mut s, i64::try_from(secs).ok()?, 0).then_some(s)
         });
         // The message id identifies a message across redeliveries; without
         // one, where it was published and what it says do.

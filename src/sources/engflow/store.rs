@@ -14,8 +14,8 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Status, Streaming};
 
+use super::Auth;
 use crate::pb::es;
-use crate::source::Auth;
 
 const GET_INVOCATION: &str = "/engflow.eventstore.v1.EventStore/GetInvocation";
 
