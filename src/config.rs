@@ -264,7 +264,7 @@ queue_name = "skipped: given on the command line"
 
     #[test]
     fn the_example_configuration_parses_as_flags() {
-        let text = include_str!("../examples/evbridge.toml");
+        let text = include_str!("../deploy/evbridge.toml");
         let cmd = crate::cli::Cli::command();
         let env = |k: &str| Some(format!("v-{k}"));
         let flags = flags_from_toml(text, &cmd, &|_| false, &env).unwrap();

@@ -59,3 +59,34 @@ pub const UNKNOWN_FIELDS: &str = "evbridge_unknown_fields_total";
 pub const WORKER_PANICS: &str = "evbridge_sink_worker_panics_total";
 /// Envelopes a sink's `names=` filter skipped (delivered for that sink).
 pub const SINK_FILTERED: &str = "evbridge_sink_envelopes_filtered_total";
+
+/// Every name above, for the docs check and for describing them all.
+pub const ALL: &[&str] = &[
+    RECEIVED,
+    REDELIVERED,
+    ACKED,
+    UNACKED,
+    RECEIPTS_FAILED,
+    ACK_SECONDS,
+    EVENTS,
+    RECONNECTS,
+    RESUMES,
+    INCOMPLETE,
+    GIVEN_UP,
+    HANDED_OVER,
+    SOURCE_UP,
+    IN_PROGRESS,
+    SUBMITTED,
+    IN_FLIGHT,
+    IN_FLIGHT_BYTES,
+    CONFIRMED,
+    DEAD_LETTERED,
+    SINK_SENT,
+    SINK_FAILED,
+    SINK_RETRIES,
+    SINK_SEND_SECONDS,
+    SINK_UP,
+    UNKNOWN_FIELDS,
+    WORKER_PANICS,
+    SINK_FILTERED,
+];

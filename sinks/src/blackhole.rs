@@ -84,6 +84,9 @@ impl Drop for Blackhole {
 const MIN_RATE: f64 = 0.001;
 const MAX_RATE: f64 = 1e12;
 
+/// Options a `blackhole://` URL takes.
+pub(crate) const OPTIONS: &[&str] = &["interval", "rate"];
+
 /// Parses `blackhole://[?interval=SECONDS&rate=PER_SECOND]` (also `none://`); must be
 /// called inside a tokio runtime when `interval` is set.
 pub fn open(url: &Url) -> Result<Blackhole, OpenError> {
@@ -104,7 +107,7 @@ pub fn open(url: &Url) -> Result<Blackhole, OpenError> {
     let mut hole = Blackhole::new();
     hole.shown = opts.shown_url().to_string();
     hole.pace = rate.map(|r| 1.0 / r);
-    opts.finish(&["interval", "rate"])?;
+    opts.finish(OPTIONS)?;
     if let Some(every) = interval {
         hole.report_every(every);
     }

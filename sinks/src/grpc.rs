@@ -16,7 +16,7 @@ use url::Url;
 
 use crate::{BatchError, Envelope, OpenError, Options, Sink, SinkError};
 
-const ACCEPTED: &[&str] = &[
+pub(crate) const ACCEPTED: &[&str] = &[
     "window",
     "ordered",
     "timeout",

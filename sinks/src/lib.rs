@@ -65,6 +65,24 @@ pub const ACCEPTED: &str = "stdout://[?format=json|pretty], blackhole://[?interv
      amqp[s]://USER:PASS@HOST:PORT/VHOST?exchange=E&routing_key=TEMPLATE, grpc[s]://HOST:PORT; \
      every sink also takes names=NAME,PREFIX*,... to take only those envelope names";
 
+/// The query options a sink scheme takes (`names` included), so the docs
+/// can be checked against the parsers; `None` for a scheme that is not a
+/// sink of this build.
+pub fn options(scheme: &str) -> Option<Vec<&'static str>> {
+    let own: Vec<&'static str> = match scheme {
+        "stdout" => stdout::OPTIONS.to_vec(),
+        "blackhole" | "none" => blackhole::OPTIONS.to_vec(),
+        #[cfg(feature = "kafka")]
+        "kafka" => kafka::ACCEPTED.to_vec(),
+        #[cfg(feature = "amqp")]
+        "amqp" | "amqps" => [amqp::ACCEPTED, amqp::connection::LAPIN_OPTIONS].concat(),
+        #[cfg(feature = "grpc")]
+        "grpc" | "grpcs" => grpc::ACCEPTED.to_vec(),
+        _ => return None,
+    };
+    Some(own.into_iter().chain(["names"]).collect())
+}
+
 /// A destination for envelopes.
 ///
 /// `send` resolves only once the destination has confirmed, which is what

@@ -48,6 +48,9 @@ impl<W: AsyncWrite + Unpin + Send> WriterSink<W> {
     }
 }
 
+/// Options a `stdout://` URL takes.
+pub(crate) const OPTIONS: &[&str] = &["format"];
+
 /// Parses a `stdout://` URL (option `format=json|pretty`).
 pub fn open(url: &Url) -> Result<WriterSink<tokio::io::Stdout>, OpenError> {
     let mut opts = Options::new(url)?;
@@ -61,7 +64,7 @@ pub fn open(url: &Url) -> Result<WriterSink<tokio::io::Stdout>, OpenError> {
         _ => Format::Json,
     };
     let shown = opts.shown_url().to_string();
-    opts.finish(&["format"])?;
+    opts.finish(OPTIONS)?;
     let mut sink = WriterSink::new(tokio::io::stdout(), format);
     sink.shown = shown;
     Ok(sink)

@@ -27,7 +27,7 @@ use evbridge_sinks::{OpenError, Options, SinkError};
 
 use super::broker::{Ack, Delivery, Inbound};
 
-const ACCEPTED: &[&str] = &[
+pub(crate) const ACCEPTED: &[&str] = &[
     "group",
     "prefix",
     "offset",

@@ -113,6 +113,25 @@ enum Kind {
     EngFlow(engflow::Channels),
 }
 
+/// The query options a broker source scheme takes, so the docs can be
+/// checked against the parsers; `None` for a scheme that is not a broker
+/// source of this build.
+pub fn options(scheme: &str) -> Option<Vec<&'static str>> {
+    match scheme {
+        #[cfg(feature = "kafka")]
+        "kafka" => Some(kafka::ACCEPTED.to_vec()),
+        #[cfg(feature = "amqp")]
+        "amqp" | "amqps" => Some(
+            [
+                amqp::ACCEPTED,
+                evbridge_sinks::amqp::connection::LAPIN_OPTIONS,
+            ]
+            .concat(),
+        ),
+        _ => None,
+    }
+}
+
 /// Whether a source URL names a broker rather than an EngFlow cluster.
 pub fn is_broker_url(url: &str) -> bool {
     ["kafka://", "amqp://", "amqps://"]

@@ -32,7 +32,7 @@ use crate::template::Template;
 use crate::{BatchError, Envelope, OpenError, Options, Sink, SinkError};
 
 /// The bridge's own options, stripped before the URI goes to lapin.
-const ACCEPTED: &[&str] = &[
+pub(crate) const ACCEPTED: &[&str] = &[
     "exchange",
     "routing_key",
     "exchange_type",

@@ -32,7 +32,7 @@ use crate::template::Template;
 use crate::{BatchError, Envelope, OpenError, Options, Sink, SinkError};
 
 /// Options a `kafka://` URL takes.
-const ACCEPTED: &[&str] = &[
+pub(crate) const ACCEPTED: &[&str] = &[
     "prefix",
     "key",
     "acks",
