@@ -161,7 +161,7 @@ async fn main() {
     let bytes: usize = envs.iter().map(|e| e.json().len()).sum();
     let conn = Connection::connect(&broker_url(), ConnectionProperties::default())
         .await
-        .expect("RabbitMQ");
+        .expect("RabbitMQ on 127.0.0.1:5672 or $EVBRIDGE_AMQP_URL: start it with `rabbitmq-server -detached`");
     let ch = conn.create_channel().await.unwrap();
     ch.confirm_select(ConfirmSelectOptions::default())
         .await

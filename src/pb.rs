@@ -3,6 +3,8 @@
 //! (for tools and tests that want reflection; the bridge itself does not).
 
 #![allow(missing_docs, clippy::all, clippy::pedantic)]
+// Comments copied from the .proto files are not written as rustdoc.
+#![allow(rustdoc::all)]
 
 pub mod engflow {
     pub mod notification {

@@ -16,7 +16,7 @@ use common::*;
 use evbridge::sinks::Envelope;
 use lapin::options::*;
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use lapin::ExchangeKind;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_get_exactly_their_routing_keys_all_persistent_json() {
@@ -132,9 +132,7 @@ async fn missing_exchange_is_named_and_declare_creates_it() {
     sink.send(&[envelope()])
         .await
         .expect("declared, then published");
-    let conn = Connection::connect(&broker_url(), ConnectionProperties::default())
-        .await
-        .unwrap();
+    let conn = common::rabbit::connect().await;
     let ch = conn.create_channel().await.unwrap();
     ch.exchange_declare(
         exchange.as_str().into(),

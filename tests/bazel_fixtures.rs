@@ -65,12 +65,12 @@ fn camel(field: &str) -> String {
 
 /// The envelope name Bazel's JSON event should get: its payload kind's.
 fn expected_name(event: &Value) -> &'static str {
-    for (name, field, _) in evbridge::bep::NAMES {
+    for (name, field, _) in evbridge::normalize::bep::NAMES {
         if event.get(camel(field)).is_some() {
             return name;
         }
     }
-    evbridge::bep::UNNAMED
+    evbridge::normalize::bep::UNNAMED
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

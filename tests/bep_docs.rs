@@ -27,7 +27,7 @@ fn the_table_of_names_is_the_generated_one() {
         }
         out
     };
-    let want: Vec<(String, String, String)> = evbridge::bep::NAMES
+    let want: Vec<(String, String, String)> = evbridge::normalize::bep::NAMES
         .iter()
         .map(|(n, f, t)| (n.to_string(), camel(f), t.to_string()))
         .collect();

@@ -260,8 +260,8 @@ fn the_json_of_current_fields_is_what_bazel_would_print() {
     // Spot checks of the names and forms Bazel's own JSON uses.
     let evs = events();
     let json_of = |ev: &bep::BuildEvent| {
-        let mut w = evbridge::json::JsonWriter::default();
-        evbridge::json::ProtoJson::write_json(ev, &mut w);
+        let mut w = evbridge::normalize::json::JsonWriter::default();
+        evbridge::normalize::json::ProtoJson::write_json(ev, &mut w);
         serde_json::from_str::<Value>(&w.finish().0).unwrap()
     };
     let started = json_of(&evs[0]);

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use evbridge::json::{JsonWriter, ProtoJson};
+use evbridge::normalize::json::{JsonWriter, ProtoJson};
 use evbridge::pb;
 use evbridge::sim::world::{GenConfig, generate};
 use prost::Message;

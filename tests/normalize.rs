@@ -3,7 +3,7 @@
 //!
 //! `UPDATE_GOLDEN=1 cargo test --test normalize` rewrites the fixtures.
 
-use evbridge::json::JsonWriter;
+use evbridge::normalize::json::JsonWriter;
 use evbridge::normalize::{Invocation, Keywords, Normalizer};
 use evbridge::pb::{self, bep, bes, es, nq};
 use evbridge::sinks::Envelope;
@@ -466,7 +466,7 @@ fn with_odd_ids(mut n: nq::Notification) -> nq::Notification {
 /// event looks like and in whatever order they come.
 #[test]
 fn prewritten_build_events_match_the_field_by_field_encoders() {
-    use evbridge::json::ProtoJson;
+    use evbridge::normalize::json::ProtoJson;
     use evbridge::sinks::{Event, Payload};
 
     fn progress(ev: &mut es::StreamedBuildEvent) -> &mut es::BuildProgressEvent {

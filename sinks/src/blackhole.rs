@@ -89,7 +89,7 @@ pub(crate) const OPTIONS: &[&str] = &["interval", "rate"];
 
 /// Parses `blackhole://[?interval=SECONDS&rate=PER_SECOND]` (also `none://`); must be
 /// called inside a tokio runtime when `interval` is set.
-pub fn open(url: &Url) -> Result<Blackhole, OpenError> {
+pub(crate) fn open(url: &Url) -> Result<Blackhole, OpenError> {
     let mut opts = Options::new(url)?;
     if url.host_str().is_some_and(|h| !h.is_empty()) || !matches!(url.path(), "" | "/") {
         return Err(opts.invalid(format!(

@@ -231,10 +231,10 @@ pub fn push_rfc3339(out: &mut String, seconds: i64, nanos: u32) -> bool {
     put_digits(&mut buf[17..19], field(secs % 60));
     let len = if nanos == 0 {
         19
-    } else if nanos % 1_000_000 == 0 {
+    } else if nanos.is_multiple_of(1_000_000) {
         put_digits(&mut buf[20..23], nanos / 1_000_000);
         23
-    } else if nanos % 1_000 == 0 {
+    } else if nanos.is_multiple_of(1_000) {
         put_digits(&mut buf[20..26], nanos / 1_000);
         26
     } else {

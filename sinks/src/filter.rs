@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use crate::{BatchError, Envelope, OpenError, Sink, SinkError, redact};
 
 /// The option every sink URL accepts.
-pub const OPTION: &str = "names";
+pub(crate) const OPTION: &str = "names";
 
 /// Which names a sink takes: exact names and `prefix*` patterns.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -47,7 +47,7 @@ pub struct EngFlowResponse {
 }
 
 /// Forwards envelopes to a Forwarding receiver.
-pub struct GrpcSink {
+pub(crate) struct GrpcSink {
     channel: Channel,
     window: usize,
     ordered: bool,
@@ -66,7 +66,7 @@ impl std::fmt::Debug for GrpcSink {
 }
 
 /// Parses a `grpc://` or `grpcs://` URL; the connection is made lazily.
-pub fn open(url: &Url) -> Result<GrpcSink, OpenError> {
+pub(crate) fn open(url: &Url) -> Result<GrpcSink, OpenError> {
     let mut opts = Options::new(url)?;
     let form = |reason: String| {
         format!(

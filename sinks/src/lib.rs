@@ -25,6 +25,8 @@
 //!
 //! Each sink with a heavy dependency sits behind a cargo feature of its own.
 
+#![warn(missing_docs, unreachable_pub)]
+
 use std::fmt::Debug;
 use std::sync::Arc;
 

@@ -52,7 +52,7 @@ impl<W: AsyncWrite + Unpin + Send> WriterSink<W> {
 pub(crate) const OPTIONS: &[&str] = &["format"];
 
 /// Parses a `stdout://` URL (option `format=json|pretty`).
-pub fn open(url: &Url) -> Result<WriterSink<tokio::io::Stdout>, OpenError> {
+pub(crate) fn open(url: &Url) -> Result<WriterSink<tokio::io::Stdout>, OpenError> {
     let mut opts = Options::new(url)?;
     if url.host_str().is_some_and(|h| !h.is_empty()) || !matches!(url.path(), "" | "/") {
         return Err(opts.invalid(

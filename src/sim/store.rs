@@ -149,11 +149,11 @@ impl<T> NamedService for EventStoreServer<T> {
 struct Call<T, Req>(T, fn(&T, Request<Req>) -> CallResult);
 
 /// What a call answers: the stream of stored events, or why not.
-pub(crate) type CallResult = Result<Response<super::BoxStream<StoredEvent>>, Status>;
+pub(crate) type CallResult = Result<Response<super::service::BoxStream<StoredEvent>>, Status>;
 
 impl<T: StoredEvents, Req: Send + 'static> ServerStreamingService<Req> for Call<T, Req> {
     type Response = StoredEvent;
-    type ResponseStream = super::BoxStream<StoredEvent>;
+    type ResponseStream = super::service::BoxStream<StoredEvent>;
     type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
 
     fn call(&mut self, request: Request<Req>) -> Self::Future {

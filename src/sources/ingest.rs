@@ -276,13 +276,13 @@ fn unix_rfc3339(secs: f64) -> Option<String> {
         nanos: ((secs - whole) * 1e9).round().min(999_999_999.0) as i32,
     };
     let mut s = String::new();
-    crate::json::push_timestamp(&mut s, &t);
+    crate::normalize::json::push_timestamp(&mut s, &t);
     Some(s)
 }
 
 fn now() -> String {
     let mut s = String::new();
-    crate::json::push_timestamp(
+    crate::normalize::json::push_timestamp(
         &mut s,
         &prost_types::Timestamp::from(std::time::SystemTime::now()),
     );

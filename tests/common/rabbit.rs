@@ -14,6 +14,20 @@ pub fn broker_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// What a test needing RabbitMQ says when it is not there: one line with
+/// what to start.
+pub const NEEDS_RABBITMQ: &str = "this test needs RabbitMQ on 127.0.0.1:5672 (guest/guest) or at \
+     $EVBRIDGE_AMQP_URL: start it with `rabbitmq-server -detached` (Debian: `apt-get install -y \
+     rabbitmq-server`); .ci/run does both";
+
+/// A connection to the test broker, or a panic that says how to get one.
+pub async fn connect() -> Connection {
+    match Connection::connect(&broker_url(), ConnectionProperties::default()).await {
+        Ok(conn) => conn,
+        Err(e) => panic!("{NEEDS_RABBITMQ} ({e})"),
+    }
+}
+
 pub fn unique(prefix: &str) -> String {
     format!(
         "{prefix}.{}",
@@ -31,9 +45,7 @@ pub struct Topology {
 
 impl Topology {
     pub async fn new(bindings: &[&str]) -> Topology {
-        let conn = Connection::connect(&broker_url(), ConnectionProperties::default())
-            .await
-            .expect("RabbitMQ on 127.0.0.1:5672 (see README)");
+        let conn = connect().await;
         let ch = conn.create_channel().await.unwrap();
         let exchange = unique("evb-test");
         ch.exchange_declare(
@@ -80,9 +92,7 @@ impl Topology {
     }
 
     pub async fn reconnect(&mut self) {
-        self.conn = Connection::connect(&broker_url(), ConnectionProperties::default())
-            .await
-            .unwrap();
+        self.conn = connect().await;
         self.ch = self.conn.create_channel().await.unwrap();
     }
 

@@ -20,6 +20,7 @@ pub const LAPIN_OPTIONS: &[&str] = &[
     "auth_mechanism",
 ];
 
+/// What `declare=` asks of the exchange.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Declare {
     /// Declare the exchange (durable) if it is missing.

@@ -17,15 +17,16 @@ pub const SECRET_PROPERTIES: &[&str] = &[
     "sasl.oauthbearer.config",
 ];
 
+/// Characters Kafka allows in a topic name.
 pub fn topic_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
 }
 
-/// Splits `kafka://[user:pass@]b1:9092,b2:9092/TOPIC?query` by hand: the
-/// `url` crate refuses a comma-separated broker list as an authority.
-/// User and password, brokers, topic, query.
+/// What [`split`] finds: user and password, brokers, topic, query.
 pub type Parts = (Option<(String, String)>, Vec<String>, String, String);
 
+/// Splits `kafka://[user:pass@]b1:9092,b2:9092/TOPIC?query` by hand: the
+/// `url` crate refuses a comma-separated broker list as an authority.
 pub fn split(raw: &str) -> Result<Parts, String> {
     let rest = raw
         .strip_prefix("kafka://")

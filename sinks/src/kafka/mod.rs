@@ -12,21 +12,21 @@
 //! within a partition.
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::util::Timeout;
-use rdkafka::{ClientConfig, ClientContext};
-use tokio::sync::Notify;
 
 pub mod connection;
+mod deliveries;
 
 use self::connection::{connection, masked, split, topic_char, warn_plaintext_credentials};
+use self::deliveries::{KafkaProducer, create};
 use crate::cloudevents::{self, CloudEvents, Mode};
 use crate::template::Template;
 use crate::{BatchError, Envelope, OpenError, Options, Sink, SinkError};
@@ -103,13 +103,12 @@ pub fn open(raw: &str) -> Result<KafkaSink, OpenError> {
         Some(p) => topic.prefixed(&format!("{p}.")),
         None => topic,
     };
-    if let Some(t) = topic.constant() {
-        if !t.chars().all(topic_char) || t.len() > 249 {
+    if let Some(t) = topic.constant()
+        && (!t.chars().all(topic_char) || t.len() > 249) {
             return Err(fail(format!(
                 "topic `{t}` is not a valid Kafka topic name (letters, digits, `.`, `_`, `-`; at most 249)"
             )));
         }
-    }
     let key = match opts.take("key").as_deref() {
         None => Key::Field(Template::parse("{key}").expect("valid")),
         Some("none") => Key::None,
@@ -184,121 +183,6 @@ pub fn open(raw: &str) -> Result<KafkaSink, OpenError> {
         cloudevents,
         shown,
     })
-}
-
-/// A producer whose delivery reports are counted per batch.
-type KafkaProducer = ThreadedProducer<Deliveries>;
-
-fn create(config: &ClientConfig) -> Result<KafkaProducer, KafkaError> {
-    config.create_with_context(Deliveries::default())
-}
-
-/// Routes each delivery report to the batch its record came from. Each
-/// record's opaque is a sequence number, and the batches in flight (one
-/// per lane) own consecutive ranges of them: nothing is allocated per
-/// record and the sending task is woken once per batch. rdkafka's
-/// `FutureProducer` allocates a channel per record and wakes for each.
-#[derive(Default)]
-struct Deliveries {
-    next: AtomicUsize,
-    in_flight: Mutex<Vec<Arc<Batch>>>,
-}
-
-impl ClientContext for Deliveries {}
-
-impl ProducerContext for Deliveries {
-    type DeliveryOpaque = usize;
-
-    fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
-        let in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(batch) = in_flight.iter().find(|b| seq.wrapping_sub(b.first) < b.len) else {
-            // Its batch stopped waiting (the send was cancelled).
-            return;
-        };
-        if let Err((e, _)) = result {
-            batch
-                .failures
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((seq.wrapping_sub(batch.first), e.clone()));
-        }
-        if batch.reported.fetch_add(1, Ordering::SeqCst) + 1
-            == batch.enqueued.load(Ordering::SeqCst)
-        {
-            batch.all_reported.notify_one();
-        }
-    }
-}
-
-impl Deliveries {
-    /// A batch of `len` records, with sequence numbers of its own.
-    fn start(self: &Arc<Self>, len: usize) -> InFlight {
-        let batch = Arc::new(Batch {
-            first: self.next.fetch_add(len, Ordering::Relaxed),
-            len,
-            enqueued: AtomicUsize::new(usize::MAX),
-            reported: AtomicUsize::new(0),
-            failures: Mutex::new(Vec::new()),
-            all_reported: Notify::new(),
-        });
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(batch.clone());
-        InFlight {
-            deliveries: self.clone(),
-            batch,
-        }
-    }
-}
-
-/// One `send` call's records in librdkafka's hands.
-struct Batch {
-    /// The sequence number of its first record.
-    first: usize,
-    len: usize,
-    /// How many were enqueued; unknown (`usize::MAX`) while enqueuing.
-    enqueued: AtomicUsize,
-    reported: AtomicUsize,
-    /// Failed records: index in the batch and why.
-    failures: Mutex<Vec<(usize, KafkaError)>>,
-    all_reported: Notify,
-}
-
-/// A batch registered for its reports; unregistered when dropped, even if
-/// the send is cancelled.
-struct InFlight {
-    deliveries: Arc<Deliveries>,
-    batch: Arc<Batch>,
-}
-
-impl InFlight {
-    /// The opaque of the batch's record `index`.
-    fn seq(&self, index: usize) -> usize {
-        self.batch.first.wrapping_add(index)
-    }
-
-    /// Waits until each of the first `enqueued` records is reported; the
-    /// failed ones, in no particular order.
-    async fn reports(self, enqueued: usize) -> Vec<(usize, KafkaError)> {
-        let b = &self.batch;
-        b.enqueued.store(enqueued, Ordering::SeqCst);
-        while b.reported.load(Ordering::SeqCst) != enqueued {
-            b.all_reported.notified().await;
-        }
-        std::mem::take(&mut *b.failures.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        let mut in_flight = self
-            .deliveries
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        in_flight.retain(|b| !Arc::ptr_eq(b, &self.batch));
-    }
 }
 
 fn code_of(e: &KafkaError) -> Option<RDKafkaErrorCode> {

@@ -145,7 +145,7 @@ impl EngFlowSource {
             warn!(notification = %n.id, "{problem}; delivered raw");
         }
         if !life.unknown.is_empty() {
-            crate::unknown::report(&life.envelope.id, &life.unknown);
+            crate::normalize::unknown::report(&life.envelope.id, &life.unknown);
         }
         self.pipeline.submit_in(slot, &tracker, life.envelope).await;
         if let Some(inv) = life.fetch
@@ -298,7 +298,10 @@ impl EngFlowSource {
                                             "{problem}; delivered raw");
                                     }
                                     if !out.unknown.is_empty() {
-                                        crate::unknown::report(&out.envelope.id, &out.unknown);
+                                        crate::normalize::unknown::report(
+                                            &out.envelope.id,
+                                            &out.unknown,
+                                        );
                                     }
                                     self.pipeline.submit(tracker, out.envelope).await;
                                     seq += 1;

@@ -21,7 +21,7 @@ const GET_INVOCATION: &str = "/engflow.eventstore.v1.EventStore/GetInvocation";
 
 /// A streamed event and the bytes it was decoded from.
 #[derive(Debug)]
-pub struct RawStreamed {
+pub(super) struct RawStreamed {
     /// The decoded event, or why its bytes do not decode (a truncated
     /// message, a string that is not UTF-8): then it travels raw, and the
     /// stream goes on, instead of failing the call again and again.
@@ -32,13 +32,13 @@ pub struct RawStreamed {
 
 /// The event-store client: one channel, the auth headers, a size limit.
 #[derive(Clone)]
-pub struct StoreClient {
+pub(super) struct StoreClient {
     inner: tonic::client::Grpc<InterceptedService<Channel, Auth>>,
 }
 
 impl StoreClient {
     /// A client that takes messages of up to `max_message_size` bytes.
-    pub fn new(channel: Channel, auth: Auth, max_message_size: usize) -> Self {
+    pub(super) fn new(channel: Channel, auth: Auth, max_message_size: usize) -> Self {
         StoreClient {
             inner: tonic::client::Grpc::new(InterceptedService::new(channel, auth))
                 .max_decoding_message_size(max_message_size),
@@ -46,7 +46,7 @@ impl StoreClient {
     }
 
     /// Streams an invocation's events with their bytes.
-    pub async fn get_invocation(
+    pub(super) async fn get_invocation(
         &mut self,
         request: es::GetInvocationRequest,
     ) -> Result<Streaming<RawStreamed>, Status> {

@@ -132,17 +132,17 @@ mod tests {
 
     fn sample(i: u32) -> BuildLifecycleEventNotification {
         BuildLifecycleEventNotification {
-            instance_name: if i % 3 == 0 {
+            instance_name: if i.is_multiple_of(3) {
                 String::new()
             } else {
                 format!("inst-{i}")
             },
             build_id: format!("ns/{i:08x}-0000-4000-8000-000000000000"),
-            auth_context: (i % 2 == 0).then(|| AuthContext {
+            auth_context: i.is_multiple_of(2).then(|| AuthContext {
                 user: Some(User {
                     principal: format!("user{i}@example.com"),
                     role: vec!["admin".into(), "ci".into()],
-                    profile_picture_url: (i % 4 == 0).then(|| "https://x/y.png".into()),
+                    profile_picture_url: i.is_multiple_of(4).then(|| "https://x/y.png".into()),
                 }),
             }),
             keywords: (0..i % 7)
