@@ -14,9 +14,9 @@ use common::brokers::{Proxy, free_port};
 use common::rabbit::*;
 use common::*;
 use evbridge::sinks::Envelope;
+use lapin::ExchangeKind;
 use lapin::options::*;
 use lapin::types::FieldTable;
-use lapin::ExchangeKind;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_get_exactly_their_routing_keys_all_persistent_json() {

@@ -141,7 +141,7 @@ async fn unconfirmed_deliveries_stay_queued_and_keep_their_ids() {
 
     // First run: the sink confirms 10 envelopes, then stalls; the bridge
     // is stopped with the rest unconfirmed.
-    let stall = StallAfter::new(10);
+    let stall = std::sync::Arc::new(FakeSink::new("stall://").confirm_at_most(10));
     let (trigger, stop) = shutdown::channel();
     let mut cfg = bridge_config(&url);
     cfg.source.shutdown_grace = Duration::from_secs(1);
@@ -149,14 +149,14 @@ async fn unconfirmed_deliveries_stay_queued_and_keep_their_ids() {
     t.wait_for_queue(&queue).await;
     let want = bonfire_traffic(&t, 34).await;
     let start = Instant::now();
-    while stall.confirmed() < 10 && start.elapsed() < Duration::from_secs(30) {
+    while stall.confirmed().len() < 10 && start.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     trigger.fire();
     let first = run.await.unwrap().unwrap();
     assert_eq!(first.acked, 10, "{first:?}");
-    let offered = stall.offered();
+    let offered: std::collections::HashSet<String> = stall.offered().into_iter().collect();
     assert!(
         offered.len() > 10,
         "the stalled sink was offered more than it confirmed"
@@ -467,35 +467,6 @@ async fn a_deleted_queue_is_bound_again_and_metrics_count_messages() {
     to.cleanup().await;
 }
 
-/// Rejects the first envelope it sees for good, confirms everything else.
-#[derive(Debug, Default)]
-struct RejectFirst {
-    seen: std::sync::Mutex<Vec<String>>,
-}
-
-#[async_trait::async_trait]
-impl evbridge::sinks::Sink for RejectFirst {
-    fn describe(&self) -> &str {
-        "reject-first://"
-    }
-    async fn send(
-        &self,
-        batch: &[std::sync::Arc<evbridge::sinks::Envelope>],
-    ) -> Result<(), evbridge::sinks::BatchError> {
-        let mut seen = self.seen.lock().unwrap();
-        for (i, env) in batch.iter().enumerate() {
-            seen.push(env.id.to_string());
-            if seen.len() == 1 {
-                return Err(evbridge::sinks::BatchError::new(
-                    i,
-                    evbridge::sinks::SinkError::Permanent("not this one".into()),
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
 /// A message some sink rejected for good is handed back (nack, requeue)
 /// after a pause: with a prefetch of 1 the queue would otherwise stall
 /// behind it; it comes again and, accepted this time, is acknowledged.
@@ -503,7 +474,7 @@ impl evbridge::sinks::Sink for RejectFirst {
 async fn a_rejected_message_is_handed_back_and_delivered_again() {
     let t = Topology::new(&[]).await;
     let queue = unique("evb-src");
-    let sink = std::sync::Arc::new(RejectFirst::default());
+    let sink = std::sync::Arc::new(FakeSink::new("reject-first://").reject(|_, nth| nth == 0));
     let (trigger, stop) = shutdown::channel();
     let url = source_url(&t, &format!("&queue={queue}&prefetch=1"));
     let run = tokio::spawn(bridge::run(bridge_config(&url), vec![sink.clone()], stop));
@@ -523,13 +494,13 @@ async fn a_rejected_message_is_handed_back_and_delivered_again() {
         .collect();
     publish_all(&t.ch, &t.exchange, &messages).await;
     let start = Instant::now();
-    while sink.seen.lock().unwrap().len() < 5 && start.elapsed() < Duration::from_secs(30) {
+    while sink.offered().len() < 5 && start.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     trigger.fire();
     let summary = run.await.unwrap().unwrap();
-    let seen = sink.seen.lock().unwrap().clone();
+    let seen = sink.offered();
     assert_eq!(seen.len(), 5, "four messages, the first twice: {seen:?}");
     assert_eq!(seen.iter().filter(|id| **id == seen[0]).count(), 2);
     assert_eq!(summary.acked, 4, "{summary:?}");

@@ -5,7 +5,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use evbridge::sinks::Sink;
 use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -123,12 +122,11 @@ async fn deliveries_slower_than_the_window_are_redelivered_and_acked_with_the_ne
     cfg.ack_window_override = Some(Duration::from_millis(150));
     let s = start_sim(cfg).await;
     let (inner, out) = capture();
-    let slow = std::sync::Arc::new(SlowFirst {
-        inner,
-        delay: Duration::from_millis(400),
-        calls: Default::default(),
-        slow_calls: 3,
-    });
+    let slow = std::sync::Arc::new(
+        FakeSink::new("slow-first")
+            .forward_to(inner)
+            .slow_first(3, Duration::from_millis(400)),
+    );
     run_until_acked(&s.sim, bridge_config(&s.url), vec![slow], LONG)
         .await
         .unwrap();
@@ -142,31 +140,6 @@ async fn deliveries_slower_than_the_window_are_redelivered_and_acked_with_the_ne
         report.event_calls as usize <= 2 * report.invocations,
         "{report:?}"
     );
-}
-
-/// Delays its first few calls, as a congested broker would.
-#[derive(Debug)]
-struct SlowFirst {
-    inner: std::sync::Arc<dyn Sink>,
-    delay: Duration,
-    calls: std::sync::atomic::AtomicUsize,
-    slow_calls: usize,
-}
-
-#[async_trait::async_trait]
-impl Sink for SlowFirst {
-    fn describe(&self) -> &str {
-        "slow-first"
-    }
-    async fn send(
-        &self,
-        batch: &[std::sync::Arc<evbridge::sinks::Envelope>],
-    ) -> Result<(), evbridge::sinks::BatchError> {
-        if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < self.slow_calls {
-            tokio::time::sleep(self.delay).await;
-        }
-        self.inner.send(batch).await
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

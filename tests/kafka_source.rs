@@ -119,13 +119,13 @@ async fn unconfirmed_records_are_not_committed_and_come_again() {
 
     // First run: the sink confirms 50 and then stalls; the bridge is
     // stopped (its grace runs out) with the rest unconfirmed.
-    let stall = StallAfter::new(50);
+    let stall = std::sync::Arc::new(FakeSink::new("stall://").confirm_at_most(50));
     let (trigger, stop) = shutdown::channel();
     let mut cfg = bridge_config(&source_url(&t, "g2", ""));
     cfg.source.shutdown_grace = Duration::from_secs(1);
     let run = tokio::spawn(bridge::run(cfg, vec![stall.clone()], stop));
     let start = Instant::now();
-    while stall.confirmed() < 50 && start.elapsed() < Duration::from_secs(60) {
+    while stall.confirmed().len() < 50 && start.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;

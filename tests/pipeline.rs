@@ -3,57 +3,18 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use common::*;
 use evbridge::pipeline::{Limits, Pipeline};
-use evbridge::sinks::{BatchError, Envelope, Sink, SinkError};
-
-/// Fails its first `fail_first` calls (retryably), rejects envelopes named
-/// `reject_name` for good, and passes the rest to `inner`.
-#[derive(Debug)]
-struct Faulty {
-    inner: Arc<dyn Sink>,
-    fail_first: usize,
-    reject_name: Option<&'static str>,
-    calls: AtomicUsize,
-}
-
-#[async_trait]
-impl Sink for Faulty {
-    fn describe(&self) -> &str {
-        "faulty"
-    }
-    async fn send(&self, batch: &[Arc<Envelope>]) -> Result<(), BatchError> {
-        if self.calls.fetch_add(1, Ordering::SeqCst) < self.fail_first {
-            return Err(BatchError::all(SinkError::Retryable("broker away".into())));
-        }
-        if let Some(at) = batch
-            .iter()
-            .position(|e| Some(e.name.as_str()) == self.reject_name)
-        {
-            self.inner.send(&batch[..at]).await?;
-            return Err(BatchError::new(
-                at,
-                SinkError::Permanent("message too large".into()),
-            ));
-        }
-        self.inner.send(batch).await
-    }
-}
+use evbridge::sinks::{Envelope, Sink};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retryable_errors_are_retried_and_nothing_is_lost() {
     let s = start_sim(sim_config(6, 5)).await;
     let (inner, out) = capture();
-    let sink = Arc::new(Faulty {
-        inner,
-        fail_first: 4,
-        reject_name: None,
-        calls: AtomicUsize::new(0),
-    });
+    let sink = Arc::new(FakeSink::new("faulty").forward_to(inner).fail_first(4));
     let summary = run_until_acked(
         &s.sim,
         bridge_config(&s.url),
@@ -71,12 +32,11 @@ async fn retryable_errors_are_retried_and_nothing_is_lost() {
 async fn a_permanent_rejection_keeps_its_notification_unacknowledged() {
     let s = start_sim(sim_config(5, 3)).await;
     let (inner, out) = capture();
-    let sink = Arc::new(Faulty {
-        inner,
-        fail_first: 0,
-        reject_name: Some("build_started"),
-        calls: AtomicUsize::new(0),
-    });
+    let sink = Arc::new(
+        FakeSink::new("faulty")
+            .forward_to(inner)
+            .reject_name("build_started"),
+    );
     let summary = run_until_acked(
         &s.sim,
         bridge_config(&s.url),
@@ -111,7 +71,7 @@ async fn a_permanent_rejection_keeps_its_notification_unacknowledged() {
 
 #[tokio::test]
 async fn a_stalled_sink_stops_intake_at_max_in_flight() {
-    let gate = Arc::new(Recorder::closed());
+    let gate = Arc::new(FakeSink::new("recorder").closed());
     let (pipeline, _workers) = Pipeline::start(
         vec![gate.clone()],
         Limits {
@@ -139,9 +99,9 @@ async fn a_stalled_sink_stops_intake_at_max_in_flight() {
     );
     assert_eq!(pipeline.in_flight(), 8);
     assert!(!producer.is_finished());
-    gate.open.add_permits(1000);
+    gate.open(1000);
     producer.await.unwrap().expect("all confirmed");
-    assert_eq!(gate.ids.lock().unwrap().len(), 20);
+    assert_eq!(gate.confirmed().len(), 20);
     assert_eq!(pipeline.in_flight(), 0);
 }
 
@@ -149,7 +109,7 @@ async fn a_stalled_sink_stops_intake_at_max_in_flight() {
 async fn large_envelopes_stop_intake_at_max_in_flight_bytes() {
     // 1 MiB of budget, envelopes of ~200 KiB: five fit, whatever
     // --max-in-flight allows; one above the whole budget passes alone.
-    let gate = Arc::new(Recorder::closed());
+    let gate = Arc::new(FakeSink::new("recorder").closed());
     let (pipeline, _workers) = Pipeline::start(
         vec![gate.clone()],
         Limits {
@@ -189,12 +149,12 @@ async fn large_envelopes_stop_intake_at_max_in_flight_bytes() {
     let level = pipeline.in_flight_bytes();
     assert!((fit * size..=1 << 20).contains(&level), "{level}");
     assert!(!producer.is_finished());
-    gate.open.add_permits(1000);
+    gate.open(1000);
     producer
         .await
         .unwrap()
         .expect("all confirmed, the 3 MiB one too");
-    assert_eq!(gate.ids.lock().unwrap().len(), 14);
+    assert_eq!(gate.confirmed().len(), 14);
     assert_eq!(pipeline.in_flight_bytes(), 0);
     assert_eq!(pipeline.in_flight(), 0);
 }
@@ -205,12 +165,11 @@ async fn large_envelopes_stop_intake_at_max_in_flight_bytes() {
 async fn finished_envelopes_give_their_places_back_even_when_rejected() {
     let rejecting = || -> Arc<dyn Sink> {
         let (inner, _) = capture();
-        Arc::new(Faulty {
-            inner,
-            fail_first: 0,
-            reject_name: Some("test"),
-            calls: AtomicUsize::new(0),
-        })
+        Arc::new(
+            FakeSink::new("faulty")
+                .forward_to(inner)
+                .reject_name("test"),
+        )
     };
     let (accepting, accepted) = capture();
     for sinks in [vec![rejecting()], vec![rejecting(), accepting]] {
@@ -252,42 +211,11 @@ async fn finished_envelopes_give_their_places_back_even_when_rejected() {
 }
 
 /// Holds every batch until released, then records its ids in order.
-#[derive(Debug)]
-struct Recorder {
-    open: tokio::sync::Semaphore,
-    ids: std::sync::Mutex<Vec<String>>,
-    largest: AtomicUsize,
-}
-
-impl Recorder {
-    fn closed() -> Self {
-        Recorder {
-            open: tokio::sync::Semaphore::new(0),
-            ids: Default::default(),
-            largest: AtomicUsize::new(0),
-        }
-    }
-}
-
-#[async_trait]
-impl Sink for Recorder {
-    fn describe(&self) -> &str {
-        "recorder"
-    }
-    async fn send(&self, batch: &[Arc<Envelope>]) -> Result<(), BatchError> {
-        let _p = self.open.acquire().await.unwrap();
-        self.largest.fetch_max(batch.len(), Ordering::SeqCst);
-        let mut ids = self.ids.lock().unwrap();
-        ids.extend(batch.iter().map(|e| e.id.to_string()));
-        Ok(())
-    }
-}
-
 /// What a lane holds when the pipeline is dropped is still delivered, in
 /// order and in batches no larger than the limit, before the worker stops.
 #[tokio::test]
 async fn a_dropped_pipeline_delivers_what_its_lanes_hold_in_order() {
-    let sink = Arc::new(Recorder::closed());
+    let sink = Arc::new(FakeSink::new("recorder").closed());
     let (pipeline, workers) = Pipeline::start(
         vec![sink.clone()],
         Limits {
@@ -302,7 +230,7 @@ async fn a_dropped_pipeline_delivers_what_its_lanes_hold_in_order() {
         pipeline.submit(&tracker, envelope(i)).await;
     }
     drop(pipeline);
-    sink.open.add_permits(1000);
+    sink.open(1000);
     tokio::time::timeout(Duration::from_secs(10), async {
         for w in workers {
             w.await.unwrap();
@@ -315,34 +243,8 @@ async fn a_dropped_pipeline_delivers_what_its_lanes_hold_in_order() {
         .expect("everything was delivered")
         .expect("all confirmed");
     let want: Vec<String> = (0..10).map(|i| format!("e{i}")).collect();
-    assert_eq!(*sink.ids.lock().unwrap(), want);
-    assert!(sink.largest.load(Ordering::SeqCst) <= 4);
-}
-
-/// Keeps a weak handle on every envelope it is sent, to see when they are
-/// freed.
-#[derive(Debug, Default)]
-struct Watcher {
-    seen: std::sync::Mutex<Vec<std::sync::Weak<Envelope>>>,
-}
-
-impl Watcher {
-    fn alive(&self) -> usize {
-        let seen = self.seen.lock().unwrap();
-        seen.iter().filter(|w| w.strong_count() > 0).count()
-    }
-}
-
-#[async_trait]
-impl Sink for Watcher {
-    fn describe(&self) -> &str {
-        "watcher"
-    }
-    async fn send(&self, batch: &[Arc<Envelope>]) -> Result<(), BatchError> {
-        let mut seen = self.seen.lock().unwrap();
-        seen.extend(batch.iter().map(Arc::downgrade));
-        Ok(())
-    }
+    assert_eq!(sink.confirmed(), want);
+    assert!(sink.largest_batch() <= 4);
 }
 
 /// Envelopes every sink is done with wait for the submitting thread to
@@ -350,7 +252,7 @@ impl Sink for Watcher {
 /// and once the source is idle the workers free the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_envelopes_are_freed_and_never_pile_up() {
-    let sink = Arc::new(Watcher::default());
+    let sink = Arc::new(FakeSink::new("watcher"));
     let (max_in_flight, max_batch, lanes) = (64, 8, 3);
     let (pipeline, _workers) = Pipeline::start(
         vec![sink.clone()],
@@ -405,12 +307,11 @@ fn keyed(i: usize, key: usize) -> Envelope {
 async fn a_dead_letter_sink_takes_rejections_with_the_reason() {
     let s = start_sim(sim_config(5, 3)).await;
     let (inner, out) = capture();
-    let sink = Arc::new(Faulty {
-        inner,
-        fail_first: 0,
-        reject_name: Some("build_started"),
-        calls: AtomicUsize::new(0),
-    });
+    let sink = Arc::new(
+        FakeSink::new("faulty")
+            .forward_to(inner)
+            .reject_name("build_started"),
+    );
     let (dead, dead_out) = capture();
     let mut cfg = bridge_config(&s.url);
     cfg.dead_letter = Some(dead);
@@ -449,12 +350,11 @@ async fn a_dead_letter_sink_whose_filter_skips_a_rejection_does_not_take_it() {
     // rejected, and its notification unacknowledged.
     let s = start_sim(sim_config(3, 2)).await;
     let (inner, _out) = capture();
-    let sink = Arc::new(Faulty {
-        inner,
-        fail_first: 0,
-        reject_name: Some("build_started"),
-        calls: AtomicUsize::new(0),
-    });
+    let sink = Arc::new(
+        FakeSink::new("faulty")
+            .forward_to(inner)
+            .reject_name("build_started"),
+    );
     let dead = evbridge::sinks::open("blackhole://?names=bazel_*")
         .await
         .unwrap();
@@ -469,27 +369,6 @@ async fn a_dead_letter_sink_whose_filter_skips_a_rejection_does_not_take_it() {
     assert_eq!(report.queue.acked, report.notifications - report.builds);
 }
 
-/// Panics on its first `panics` calls (a sink's bug), then delivers.
-#[derive(Debug)]
-struct PanicsFirst {
-    inner: Arc<dyn Sink>,
-    panics: usize,
-    calls: AtomicUsize,
-}
-
-#[async_trait]
-impl Sink for PanicsFirst {
-    fn describe(&self) -> &str {
-        "panicky"
-    }
-    async fn send(&self, batch: &[Arc<Envelope>]) -> Result<(), BatchError> {
-        if self.calls.fetch_add(1, Ordering::SeqCst) < self.panics {
-            panic!("a bug in the sink");
-        }
-        self.inner.send(batch).await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_sink_worker_is_restarted_and_nothing_is_lost() {
     // Before, the lane's worker died with its batch: the lane stalled and
@@ -498,11 +377,7 @@ async fn a_panicking_sink_worker_is_restarted_and_nothing_is_lost() {
     cfg.ack_window_override = Some(Duration::from_millis(300));
     let s = start_sim(cfg).await;
     let (inner, out) = capture();
-    let sink = Arc::new(PanicsFirst {
-        inner,
-        panics: 3,
-        calls: AtomicUsize::new(0),
-    });
+    let sink = Arc::new(FakeSink::new("panicky").forward_to(inner).panic_first(3));
     run_until_acked(
         &s.sim,
         bridge_config(&s.url),
@@ -513,6 +388,6 @@ async fn a_panicking_sink_worker_is_restarted_and_nothing_is_lost() {
     .unwrap();
     let report = s.sim.report();
     assert!(s.sim.all_acked(), "{report:?}");
-    assert!(sink.calls.load(Ordering::SeqCst) > 3);
+    assert!(sink.calls() > 3);
     assert_all_present(&s.sim, &out.lines());
 }

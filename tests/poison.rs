@@ -20,15 +20,12 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use common::rabbit::Topology;
 use common::*;
 use evbridge::sim::Sim;
 use evbridge::sim::world::{GenConfig, generate};
-use evbridge::sinks::{BatchError, Envelope, Sink};
 use prost::Message;
 
 const WINDOW: Duration = Duration::from_secs(2);
@@ -39,32 +36,6 @@ const AMQP_LIMIT: usize = 256 << 10;
 const UNACKED: usize = 512;
 /// Envelopes of one notification at most here: its own and 2 events.
 const PER_NOTIFICATION: usize = 3;
-
-/// Passes everything to `inner`, but the first batch holding an envelope
-/// keyed `slow` waits `delay` first: that invocation takes longer to
-/// deliver than the acknowledgement window.
-#[derive(Debug)]
-struct SlowFor {
-    inner: Arc<dyn Sink>,
-    slow: String,
-    delay: Duration,
-    slept: AtomicBool,
-}
-
-#[async_trait]
-impl Sink for SlowFor {
-    fn describe(&self) -> &str {
-        "slow-for-one-key"
-    }
-    async fn send(&self, batch: &[Arc<Envelope>]) -> Result<(), BatchError> {
-        if batch.iter().any(|e| e.key == self.slow.as_str())
-            && !self.slept.swap(true, Ordering::SeqCst)
-        {
-            tokio::time::sleep(self.delay).await;
-        }
-        self.inner.send(batch).await
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_among_ten_thousand_good_notifications() {
@@ -167,12 +138,11 @@ async fn poison_among_ten_thousand_good_notifications() {
         .await
         .unwrap();
     let (inner, out) = capture();
-    let sink = Arc::new(SlowFor {
-        inner,
-        slow: slow_key.clone(),
-        delay: WINDOW + WINDOW / 4,
-        slept: AtomicBool::new(false),
-    });
+    let sink = Arc::new(
+        FakeSink::new("slow-for-one-key")
+            .forward_to(inner)
+            .slow_once_for_key(&slow_key, WINDOW + WINDOW / 4),
+    );
     let (dl, dead) = capture();
     let mut bridge = bridge_config(&s.url);
     bridge.dead_letter = Some(dl);

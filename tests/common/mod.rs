@@ -4,11 +4,15 @@
 #![allow(dead_code)]
 
 pub mod brokers;
+pub mod fake;
 pub mod http;
 pub mod pki;
 pub mod process;
 #[cfg(feature = "amqp")]
 pub mod rabbit;
+
+#[allow(unused_imports)]
+pub use fake::FakeSink;
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
@@ -240,63 +244,6 @@ pub async fn wait_for(buf: &SharedBuf, ids: usize, limit: Duration) -> Vec<Value
             return got;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Confirms the first `ok` envelopes, then fails every later send
-/// retryably: what it did not confirm must not be acknowledged upstream.
-/// Remembers the id of every envelope offered to it.
-#[derive(Debug)]
-pub struct StallAfter {
-    ok: usize,
-    confirmed: Mutex<usize>,
-    offered: Mutex<std::collections::HashSet<String>>,
-}
-
-impl StallAfter {
-    pub fn new(ok: usize) -> Arc<StallAfter> {
-        Arc::new(StallAfter {
-            ok,
-            confirmed: Mutex::new(0),
-            offered: Mutex::new(Default::default()),
-        })
-    }
-
-    /// Envelopes confirmed so far.
-    pub fn confirmed(&self) -> usize {
-        *self.confirmed.lock().unwrap()
-    }
-
-    /// Ids of every envelope it was given, confirmed or not.
-    pub fn offered(&self) -> std::collections::HashSet<String> {
-        self.offered.lock().unwrap().clone()
-    }
-}
-
-#[async_trait::async_trait]
-impl Sink for StallAfter {
-    fn describe(&self) -> &str {
-        "stall://"
-    }
-    async fn send(
-        &self,
-        batch: &[Arc<evbridge::sinks::Envelope>],
-    ) -> Result<(), evbridge::sinks::BatchError> {
-        self.offered
-            .lock()
-            .unwrap()
-            .extend(batch.iter().map(|e| e.id.to_string()));
-        let mut confirmed = self.confirmed.lock().unwrap();
-        let room = self.ok.saturating_sub(*confirmed).min(batch.len());
-        *confirmed += room;
-        if room == batch.len() {
-            Ok(())
-        } else {
-            Err(evbridge::sinks::BatchError::new(
-                room,
-                evbridge::sinks::SinkError::Retryable("stalled".into()),
-            ))
-        }
     }
 }
 
