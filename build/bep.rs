@@ -114,11 +114,10 @@ pub fn generate(pool: &DescriptorPool) -> String {
             body.push_str(" p.label = Some(v.label.as_str());");
         }
         if let Some(c) = has("configuration")
-            && matches!(c.kind(), Kind::Message(ref c) if c.full_name() == CONFIGURATION_ID) {
-                body.push_str(
-                    " p.configuration = v.configuration.as_ref().map(|c| c.id.as_str());",
-                );
-            }
+            && matches!(c.kind(), Kind::Message(ref c) if c.full_name() == CONFIGURATION_ID)
+        {
+            body.push_str(" p.configuration = v.configuration.as_ref().map(|c| c.id.as_str());");
+        }
         if m.full_name() == CONFIGURATION_ID {
             body.push_str(" p.configuration = Some(v.id.as_str());");
         }

@@ -2,11 +2,13 @@
 
 use std::process::ExitCode;
 
-/// glibc's allocator spent over a third of the bridge's CPU under load
-/// (every envelope allocates and frees on different worker threads);
-/// mimalloc's per-thread heaps make that a few percent. Its `override`
-/// feature routes the C libraries' malloc (librdkafka's copy of each record)
-/// through it as well.
+/// glibc's allocator was the largest part of the bridge's CPU under load
+/// (envelopes allocated and freed on different threads; BENCHMARKS.md);
+/// mimalloc's per-thread heaps fix that. Its `override` feature routes the
+/// C libraries' malloc (librdkafka's copy of each record) through it too.
+/// A feature (`mimalloc`, on by default), so a program embedding the
+/// library keeps its own allocator with `default-features = false`.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -2,8 +2,8 @@
 //!
 //! prost decodes every string into a `String` of its own. A lifecycle
 //! payload is a few ids and half a dozen keywords, and allocating,
-//! copying and UTF-8-checking those was 17 % of the cost of normalizing
-//! it (perf, `cargo bench --bench normalize`). [`LifecycleView`] borrows them from the payload
+//! copying and UTF-8-checking those was a sixth of the cost of
+//! normalizing it (BENCHMARKS.md, `cargo bench --bench normalize`). [`LifecycleView`] borrows them from the payload
 //! instead, and leaves the keywords unchecked: a set seen before (the
 //! usual case) was checked then. The nested messages (auth context and
 //! kind) are still merged by prost's generated code, field by field as

@@ -20,6 +20,7 @@
 mod lane;
 mod sink_state;
 mod tracker;
+mod tray;
 mod worker;
 
 use std::sync::Arc;
@@ -49,10 +50,11 @@ pub struct Stats {
     pub dead_lettered: AtomicU64,
 }
 
-use lane::{Lane, Spent};
+use lane::Lane;
 pub use sink_state::SinkState;
 pub use tracker::Tracker;
 use tracker::{Budget, Held, Item, Ticket};
+use tray::Spent;
 use worker::{Worker, supervise, to_dead_letter};
 
 /// Generous: 10,000 envelopes of 25 KiB; the usual ~1 KiB ones never
@@ -130,9 +132,14 @@ impl Pipeline {
             byte_limit,
         });
         // Two batches' worth: what workers finish between two submits
-        // when the source keeps up; more only held memory (at 1 M events a
-        // tray of --max-in-flight kept peak RSS above 100 MiB).
-        let tray = limits.max_in_flight.min(2 * limits.max_batch).max(1);
+        // when the source keeps up; more only held memory (BENCHMARKS.md,
+        // peak RSS). Nothing without mimalloc, whose cross-thread frees are
+        // what the tray saves.
+        let tray = if cfg!(feature = "mimalloc") {
+            limits.max_in_flight.min(2 * limits.max_batch).max(1)
+        } else {
+            0
+        };
         let spent = Arc::new(Spent::new(tray, byte_limit / 4));
         let mut all_lanes = Vec::with_capacity(sinks.len());
         let mut workers = Vec::with_capacity(sinks.len() * limits.lanes);

@@ -12,8 +12,9 @@ use crate::metric_names as telemetry;
 use crate::retry::Backoff;
 
 use super::Stats;
-use super::lane::{Lane, Spent};
+use super::lane::Lane;
 use super::tracker::{Budget, Finished, Item};
+use super::tray::Spent;
 
 /// Sends `envelopes` through `sink` until each one is confirmed or
 /// rejected for good, retrying retryable failures with backoff from the

@@ -104,11 +104,12 @@ pub fn open(raw: &str) -> Result<KafkaSink, OpenError> {
         None => topic,
     };
     if let Some(t) = topic.constant()
-        && (!t.chars().all(topic_char) || t.len() > 249) {
-            return Err(fail(format!(
-                "topic `{t}` is not a valid Kafka topic name (letters, digits, `.`, `_`, `-`; at most 249)"
-            )));
-        }
+        && (!t.chars().all(topic_char) || t.len() > 249)
+    {
+        return Err(fail(format!(
+            "topic `{t}` is not a valid Kafka topic name (letters, digits, `.`, `_`, `-`; at most 249)"
+        )));
+    }
     let key = match opts.take("key").as_deref() {
         None => Key::Field(Template::parse("{key}").expect("valid")),
         Some("none") => Key::None,
@@ -126,9 +127,8 @@ pub fn open(raw: &str) -> Result<KafkaSink, OpenError> {
         .choice("acks", &["all", "-1", "1", "0"])?
         .unwrap_or_else(|| "all".into());
     // lz4 unless told otherwise: envelope JSON compresses well, and the
-    // broker then handles a fraction of the bytes (with tansu here its CPU
-    // per record fell from ~4.2 to ~1 µs and the sink's rate rose by about
-    // half; BENCHMARKS.md). librdkafka-based and Java clients decompress it
+    // broker then handles a fraction of the bytes (BENCHMARKS.md, the
+    // Kafka rows). librdkafka-based and Java clients decompress it
     // natively; KafkaJS and kafka-python need their optional lz4 codec.
     let compression = opts
         .choice("compression", &["none", "gzip", "snappy", "lz4", "zstd"])?
