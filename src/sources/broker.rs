@@ -3,12 +3,11 @@
 //! ([`super::ingest`]) and is acknowledged to its broker only after every
 //! sink confirmed it, as EngFlow notifications are.
 
+use std::collections::BTreeMap;
+use std::fmt::Debug;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-use std::collections::BTreeMap;
-use std::fmt::Debug;
 
 use async_trait::async_trait;
 use evbridge_sinks::{OpenError, SinkError, redact};

@@ -39,10 +39,13 @@ use store::StoreClient;
 /// Default of [`SourceConfig::max_message_size`]: 128 MiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 128 << 20;
 
-/// Where and how to reach the cluster.
+/// Where and how to reach the source. Named for EngFlow, whose settings
+/// most of it is; a broker source uses `endpoint`, `shutdown_grace` and
+/// `max_notifications` and ignores the rest.
 #[derive(Clone)]
 pub struct SourceConfig {
-    /// `grpc://host[:port]` or `grpcs://host[:port]`.
+    /// The source URL: `grpc[s]://HOST[:PORT]` for an EngFlow cluster, or
+    /// a broker's ([`crate::sources::ACCEPTED`]).
     pub endpoint: String,
     /// Queue to pull, e.g. `eventstore/lifecycle-events`.
     pub queue: String,
