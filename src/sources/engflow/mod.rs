@@ -205,24 +205,12 @@ impl EngFlowSource {
             running: Mutex::default(),
         })
     }
+}
 
-    /// Counters so far.
-    pub fn stats(&self) -> &SourceStats {
-        &self.stats
-    }
-
-    /// Pull streams open now (the source is up while this is above 0).
-    pub fn open_streams(&self) -> usize {
-        self.stats.open_streams.load(Ordering::Acquire)
-    }
-
-    /// Notifications received and not yet acknowledged or given up.
-    pub fn in_progress(&self) -> usize {
-        self.stats.in_progress.load(Ordering::Acquire)
-    }
-
+#[async_trait]
+impl Source for EngFlowSource {
     /// Runs every reader until shutdown (after draining) or a fatal error.
-    pub async fn run(self: &Arc<Self>, shutdown: Shutdown) -> Result<(), SourceError> {
+    async fn run(self: Arc<Self>, shutdown: Shutdown) -> Result<(), SourceError> {
         let mut readers = JoinSet::new();
         for _ in 0..self.cfg.readers.max(1) {
             readers.spawn(self.clone().reader(shutdown.clone()));
@@ -242,21 +230,14 @@ impl EngFlowSource {
         }
         result
     }
-}
-
-#[async_trait]
-impl Source for EngFlowSource {
-    async fn run(self: Arc<Self>, shutdown: Shutdown) -> Result<(), SourceError> {
-        EngFlowSource::run(&self, shutdown).await
-    }
     fn stats(&self) -> &SourceStats {
-        EngFlowSource::stats(self)
+        &self.stats
     }
     fn open_streams(&self) -> usize {
-        EngFlowSource::open_streams(self)
+        self.stats.open_streams.load(Ordering::Acquire)
     }
     fn in_progress(&self) -> usize {
-        EngFlowSource::in_progress(self)
+        self.stats.in_progress.load(Ordering::Acquire)
     }
     fn down_reason(&self) -> String {
         "no Pull stream open".into()
